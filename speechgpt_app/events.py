@@ -1,0 +1,87 @@
+"""The typed events of one spoken turn, in the order a turn produces them.
+
+Every stage speaks this vocabulary: the parser emits Heard/Answer/Units/Notice,
+the pipeline adds Audio and End and stamps `t_ms` (milliseconds since `respond`
+had the whole input). `t_ms` is excluded from equality, so two runs of the same
+turn compare equal whatever their timing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # the prompt module imports this one
+    from speechgpt_app.prompt import Turn
+
+EndReason = Literal["eoa", "eos", "max_tokens", "cancelled", "error"]
+END_REASONS: tuple[str, ...] = ("eoa", "eos", "max_tokens", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class Heard:
+    """A delta of the transcript of what the model heard (the question)."""
+
+    text: str
+    t_ms: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A delta of the text answer."""
+
+    text: str
+    t_ms: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class Units:
+    """Answer unit ids, in order, as they arrive (already checked against the vocabulary)."""
+
+    ids: tuple[int, ...]
+    t_ms: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    """A chunk of answer speech: mono float32 in [-1, 1]."""
+
+    pcm: np.ndarray
+    sample_rate: int
+    t_ms: float = field(default=0.0, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Audio)
+            and self.sample_rate == other.sample_rate
+            and np.array_equal(self.pcm, other.pcm)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # arrays are not hashable
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user or researcher should know: `kind` is a stable slug, e.g. "history_trimmed"."""
+
+    kind: str
+    message: str
+    t_ms: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class End:
+    """The turn is over. `problems` lists what was wrong with the model's output, in plain words.
+
+    `turn` is the finished exchange to append to the history (None when nothing usable came out).
+    """
+
+    reason: EndReason
+    problems: tuple[str, ...] = ()
+    turn: Turn | None = None
+    t_ms: float = field(default=0.0, compare=False)
+
+
+Event = Union[Heard, Answer, Units, Audio, Notice, End]
