@@ -9,11 +9,12 @@ One exchange is `[Human]: {user} <eoh>. [SpeechGPT]: {assistant}`, where the ass
 
     SYSTEM_PROMPT + (earlier exchange + TURN_SEPARATOR) * n + current exchange without an assistant
 
-The turn separator is a newline. SYSTEM_PROMPT itself ends with a newline, so every `[Human]` in a prompt
-follows `\\n` exactly as in every training example (`prefix` + `plain_text`); with no separator the model
-would see `<eoa>[Human]`, a sequence it was never trained on. In LLaMA's SentencePiece vocabulary `\\n` is
-one byte-fallback token (`<0x0A>`), and `[Human]` is an added token that the tokenizer matches whatever
-precedes it, so the newline costs exactly one token per earlier turn.
+The turn separator is a newline, for the same reason SYSTEM_PROMPT ends with one: the prompt text
+stays readable and every `[Human]` starts a line. It costs no tokens and changes no token: `[Human]`
+is an added token that strips the whitespace on its left (as the released transformers-4.33 slow
+tokenizer did, and vocab.extend_tokenizer reproduces), so `<eoa>\n[Human]` and `<eoa>[Human]` encode
+to the same ids, exactly as the system prompt's final newline vanishes before the first `[Human]`
+(checked on tests/lm_fixtures.py's released-layout tokenizer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from speechgpt_app.events import Notice
+from speechgpt_app.units import units_to_text
 
 SYSTEM_PROMPT = (
     "You are an AI assistant whose name is SpeechGPT.\n"
@@ -58,8 +60,6 @@ OUTPUT_INSTRUCTIONS: dict[str, str] = {
 HEARD_TAG = "[tq]"
 ANSWER_TAG = "[ta]"
 UNITS_TAG = "[ua]"
-SOSP = "<sosp>"
-EOSP = "<eosp>"
 EOA = "<eoa>"
 ANSWER_SEPARATOR = f"; {ANSWER_TAG} "
 UNITS_SEPARATOR = f"; {UNITS_TAG} "
@@ -115,12 +115,6 @@ class PromptPlan:
     text: str
     notices: tuple[Notice, ...]
     kept_turns: tuple[Turn, ...]
-
-
-def units_to_text(ids: Sequence[int]) -> str:
-    """`<sosp><661><588><eosp>`: the unit string, no spaces (REFERENCE.md §1)."""
-    # TODO(units.py): replace by speechgpt_app.units.units_to_text once it lands.
-    return SOSP + "".join(f"<{int(i)}>" for i in ids) + EOSP
 
 
 def format_exchange(user: str, assistant: str | None = None) -> str:
@@ -230,8 +224,6 @@ def format_answer(
     if units is not None:
         if len(units) == 0:
             raise PromptError("the answer units are empty")
-        if any(int(u) < 0 for u in units):
-            raise PromptError("unit ids must be non-negative")
     speech = units_to_text(units) if units is not None else None
     if answer is None:
         if (heard is None) == (speech is None):

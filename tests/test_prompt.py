@@ -123,7 +123,6 @@ def test_format_answer_all_formats():
         ({"answer": "see <eoa> here"}, "marker"),
         ({"heard": "x [ta] y", "answer": "z"}, "marker"),
         ({"answer": "a", "units": []}, "empty"),
-        ({"answer": "a", "units": [-1]}, "non-negative"),
     ],
 )
 def test_format_answer_rejects_bad_parts(kwargs, match):
@@ -151,6 +150,11 @@ def test_format_answer_rejects_bad_parts(kwargs, match):
 def test_user_message_rejects_bad_requests(args, kwargs, match):
     with pytest.raises(PromptError, match=match):
         user_message(*args, **kwargs)
+
+
+def test_format_answer_rejects_negative_units():
+    with pytest.raises(ValueError, match="non-negative"):
+        format_answer(answer="a", units=[3, -1])
 
 
 def test_assistant_prefix_for_regeneration():
