@@ -233,7 +233,7 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return _decode_pyav(open_source(), name, limits)
     if info.frames == 0:
-        raise AudioError("empty", f"{name} holds no audio samples.")
+        raise AudioError("empty", f"There are no audio samples in {name}.")
     _check_channels(info.channels)
     _check_duration(info.frames, info.samplerate, limits)  # from the header, before decoding
     try:
@@ -256,11 +256,11 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
         raise AudioError("unreadable", f"Could not read {name} as audio ({SUPPORTED} are supported).") from e
     with container:
         if not container.streams.audio:
-            raise AudioError("unreadable", f"{name} has no audio track.")
+            raise AudioError("unreadable", f"There is no audio track in {name}.")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate
         if not rate:
-            raise AudioError("unreadable", f"{name} does not say its sample rate.")
+            raise AudioError("unreadable", f"The sample rate of {name} is unknown.")
         _check_channels(stream.codec_context.channels)
         seconds = _container_seconds(container, stream)
         if seconds is not None:
@@ -287,7 +287,7 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
         except av.FFmpegError as e:
             raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
     if total == 0:
-        raise AudioError("empty", f"{name} holds no audio samples.")
+        raise AudioError("empty", f"There are no audio samples in {name}.")
     return _downmix(np.concatenate(chunks).astype(np.float32, copy=False)), int(rate)
 
 
