@@ -1,0 +1,53 @@
+"""Tokenised training examples: packed unit blocks (stage 1) and prefix-masked records (stages 2-3)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TypeVar
+
+from training.data.formats import Record
+from training.fit import IGNORE_INDEX, Example
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def split_heldout(items: Sequence[T], n_eval: int, what: str) -> tuple[list[T], list[T]]:
+    """(train, held-out): the last `n_eval` items are held out; at least one item must remain to train."""
+    if n_eval < 0 or len(items) <= n_eval:
+        raise ValueError(f"{what}: {len(items)} item(s) cannot spare {n_eval} for evaluation and still train")
+    cut = len(items) - n_eval
+    return list(items[:cut]), list(items[cut:])
+
+
+def unit_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Example]:
+    """Stage 1: `<s> units </s>` per line, concatenated and cut into `block_size` blocks.
+
+    The tail shorter than a block is kept as a last, shorter block so small data still trains.
+    """
+    stream: list[int] = []
+    for line in lines:
+        stream += tokenizer(line).input_ids + [tokenizer.eos_token_id]
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+    return [Example(b, list(b)) for b in blocks if len(b) > 1]
+
+
+def record_examples(records: Sequence[Record], tokenizer, block_size: int) -> list[Example]:
+    """Stages 2-3: `<s> prefix` (no loss) + `plain_text </s>` (loss), cut to `block_size` tokens.
+
+    The two parts are tokenised separately so the loss mask falls exactly on the boundary; the
+    exchange starts with the added token `[Human]`, so this matches tokenising the whole string.
+    """
+    examples, cut = [], 0
+    for r in records:
+        prefix = tokenizer(r.prefix).input_ids
+        body = tokenizer(r.plain_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = (prefix + body)[:block_size]
+        labels = ([IGNORE_INDEX] * len(prefix) + body)[:block_size]
+        cut += len(prefix) + len(body) > block_size
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append(Example(ids, labels))
+    if cut:
+        log.warning("%d of %d records were longer than %d tokens and were cut", cut, len(records), block_size)
+    return examples

@@ -1,0 +1,75 @@
+"""Loading the language model and tokenizer a stage starts from (a directory or a Hub id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.fit import LoraArgs
+
+LLAMA_HELP = (
+    "the 7B recipe starts from LLaMA-7B: pass --base with a transformers LlamaForCausalLM directory "
+    "(config.json, tokenizer.model, weights), e.g. Meta's weights converted with transformers' "
+    "convert_llama_weights_to_hf.py, or a Hub id of such a conversion (e.g. huggyllama/llama-7b)"
+)
+
+
+class BaseModelError(FileNotFoundError):
+    """The model a stage starts from is not where the recipe says."""
+
+
+def resolve_base(base: str) -> str:
+    """A local model directory as is; otherwise a Hub id fetched into the cache (clear error offline)."""
+    if Path(base).is_dir():
+        if not (Path(base) / "config.json").is_file():
+            raise BaseModelError(f"{base} has no config.json: not a transformers model directory ({LLAMA_HELP})")
+        return base
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise BaseModelError(f"model directory {base} does not exist ({LLAMA_HELP})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(base, allow_patterns=["*.json", "*.model", "*.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
+        raise BaseModelError(f"could not fetch {base} from the Hugging Face Hub ({e}); {LLAMA_HELP}") from e
+
+
+def load_tokenizer(path: str, n_units: int | None = None, stage2: bool = True):
+    """The tokenizer as the app loads it (vocab.load_tokenizer), so ids and spacing match."""
+    from speechgpt_app.vocab import load_tokenizer as load
+
+    return load(path, n_units=n_units, stage2=stage2)
+
+
+def load_model(path: str, quant: str = "none", precision: str = "fp32"):
+    """LlamaForCausalLM for training: fp32 master weights (mixed precision comes from Accelerate),
+    or a frozen NF4/int8 base for QLoRA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch.float32}
+    if quant == "nf4":
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def add_lora(model, lora: LoraArgs, quantized: bool, gradient_checkpointing: bool):
+    """Wrap `model` in a PEFT LoRA; only the adapter trains."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,48 @@
+"""Stage 2, cross-modal instruction finetuning: ASR- and TTS-style records, all weights.
+
+Adds `[Human]`, `[SpeechGPT]`, `<eoh>`, `<eos>` to the stage-1 tokenizer and trains on
+`{"prefix", "plain_text"}` records with the loss masked on the system prompt (prefix) only.
+
+    python -m training.stage2_instruct --config training/recipes/tiny/stage2.yaml
+"""
+
+from __future__ import annotations
+
+from training.config import parse_args
+from training.data.formats import read_records
+from training.examples import record_examples, split_heldout
+from training.fit import FitResult, TrainConfig, fit, make_accelerator
+from training.lm import load_model, load_tokenizer, resolve_base
+
+STAGE = "stage2"
+
+
+def setup(cfg: TrainConfig) -> FitResult:
+    """Seed, build the Accelerator, run main()."""
+    return main(make_accelerator(cfg), cfg)
+
+
+def main(acc, cfg: TrainConfig) -> FitResult:
+    """Add the stage-2 tokens to the stage-1 model and finetune every weight on cross-modal records."""
+    from speechgpt_app.vocab import check_vocabulary, extend_tokenizer, resize_model
+
+    base = resolve_base(cfg.base)
+    tokenizer = load_tokenizer(base)
+    check_vocabulary(tokenizer, cfg.n_units, stage2=False)  # a stage-1 model, for these units
+    extend_tokenizer(tokenizer, cfg.n_units, stage2=True)
+    model = load_model(base, precision=cfg.precision)
+    resize_model(model, tokenizer)
+    train, val = split_heldout(read_records(cfg.data), cfg.eval_examples, cfg.data)
+    return fit(
+        acc,
+        cfg,
+        model,
+        tokenizer,
+        record_examples(train, tokenizer, cfg.block_size),
+        record_examples(val, tokenizer, cfg.block_size),
+        STAGE,
+    )
+
+
+if __name__ == "__main__":
+    setup(parse_args(TrainConfig))
