@@ -26,6 +26,7 @@ from typing import Literal, get_args
 
 from speechgpt_app.events import Notice
 from speechgpt_app.units import units_to_text
+from speechgpt_app.vocab import STAGE1_SPECIAL, STAGE2_TOKENS
 
 SYSTEM_PROMPT = (
     "You are an AI assistant whose name is SpeechGPT.\n"
@@ -64,10 +65,11 @@ EOA = "<eoa>"
 ANSWER_SEPARATOR = f"; {ANSWER_TAG} "
 UNITS_SEPARATOR = f"; {UNITS_TAG} "
 
-# Strings a typed text may not contain: each is an added token (the tokenizer would turn typed text
-# into units or turn markers), or a chain-of-modality marker the parser would split on.
-_ADDED_TOKEN = re.compile(r"<sosp>|<eosp>|<eoh>|<eos>|\[Human\]|\[SpeechGPT\]|<\d+>")
-_MARKER = re.compile(r"<sosp>|<eosp>|<eoa>|<eoh>|<eos>|\[Human\]|\[SpeechGPT\]|\[tq\]|\[ta\]|\[ua\]|<\d+>")
+# What typed text may not contain: an added token (the tokenizer would turn it into a unit or a turn
+# marker); what answer text may not contain: those and the chain-of-modality markers the parser splits on.
+_ADDED = [*STAGE1_SPECIAL, *STAGE2_TOKENS]
+_ADDED_TOKEN = re.compile("|".join(map(re.escape, _ADDED)) + r"|<\d+>")
+_MARKER = re.compile("|".join(map(re.escape, [*_ADDED, HEARD_TAG, ANSWER_TAG, UNITS_TAG, EOA])) + r"|<\d+>")
 _UNIT_STRING = re.compile(r"<sosp>(?:<(?:0|[1-9][0-9]*)>)+<eosp>")
 _UNIT_SPAN = re.compile(r"<sosp>.*?<eosp>", re.S)
 # An answer's speech part: "; [ua] <sosp>...<eosp>" with the spacing variants the parser accepts.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lm_fixtures import released_tokenizer_dir
 
 from speechgpt_app.events import Notice
 from speechgpt_app.prompt import (
@@ -17,6 +18,7 @@ from speechgpt_app.prompt import (
     format_prompt,
     user_message,
 )
+from speechgpt_app.vocab import load_tokenizer
 
 # Spelled out by hand from REFERENCE.md §3, not built from the module's constants.
 SYSTEM = (
@@ -96,6 +98,21 @@ def test_multi_turn_prompt():
         "[Human]: <sosp><3><eosp> <eoh>. [SpeechGPT]: "
     )
     assert plan.notices == () and plan.kept_turns == (first, second)
+
+
+def test_turn_separator_costs_no_token_with_the_released_tokenizer():
+    # [Human] strips the whitespace on its left, as the released tokenizer did: "\n" is free, and
+    # the system prompt's final "\n" vanishes the same way before the first [Human].
+    tok = load_tokenizer(released_tokenizer_dir(20))
+    turn = Turn("<sosp><1><2><eosp>", "hi; [ta] hello.; [ua] <sosp><3><eosp><eoa>", "hi")
+    with_newline = format_prompt("<sosp><4><eosp>", [turn])
+    assert "<eoa>\n[Human]" in with_newline
+
+    def ids(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    assert ids(with_newline) == ids(with_newline.replace("<eoa>\n[Human]", "<eoa>[Human]"))
+    assert ids(SYSTEM + "[Human]: hi") == ids(SYSTEM.removesuffix("\n") + "[Human]: hi")
 
 
 def test_format_exchange_with_and_without_answer():
