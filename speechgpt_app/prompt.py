@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from speechgpt_app.events import Notice
-from speechgpt_app.units import units_to_text
+from speechgpt_app.units import EOSP, SOSP, text_to_units, units_to_text
 from speechgpt_app.vocab import STAGE1_SPECIAL, STAGE2_TOKENS
 
 SYSTEM_PROMPT = (
@@ -70,10 +70,9 @@ UNITS_SEPARATOR = f"; {UNITS_TAG} "
 _ADDED = [*STAGE1_SPECIAL, *STAGE2_TOKENS]
 _ADDED_TOKEN = re.compile("|".join(map(re.escape, _ADDED)) + r"|<\d+>")
 _MARKER = re.compile("|".join(map(re.escape, [*_ADDED, HEARD_TAG, ANSWER_TAG, UNITS_TAG, EOA])) + r"|<\d+>")
-_UNIT_STRING = re.compile(r"<sosp>(?:<(?:0|[1-9][0-9]*)>)+<eosp>")
-_UNIT_SPAN = re.compile(r"<sosp>.*?<eosp>", re.S)
+_UNIT_SPAN = re.compile(f"{SOSP}.*?{EOSP}", re.S)
 # An answer's speech part: "; [ua] <sosp>...<eosp>" with the spacing variants the parser accepts.
-_ANSWER_UNITS = re.compile(r"\s*;?\s*\[ua\]\s*<sosp>.*?<eosp>", re.S)
+_ANSWER_UNITS = re.compile(rf"\s*;?\s*{re.escape(UNITS_TAG)}\s*{SOSP}.*?{EOSP}", re.S)
 
 
 class PromptError(ValueError):
@@ -150,11 +149,12 @@ def _check_typed_text(text: str) -> None:
 
 
 def _check_unit_string(units: str) -> None:
-    if not _UNIT_STRING.fullmatch(units):
-        raise PromptError(
-            "units must be a unit string like '<sosp><661><588><eosp>' with at least one unit, "
-            f"got {units[:40]!r}"
-        )
+    try:
+        ids = text_to_units(units)
+    except ValueError as e:
+        raise PromptError(f"units must be a unit string like '<sosp><661><588><eosp>': {e}") from None
+    if not ids:
+        raise PromptError("the unit string holds no units")
 
 
 def user_message(
