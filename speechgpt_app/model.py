@@ -277,15 +277,21 @@ def convert_bin_to_bf16_safetensors(src: Path, dest: Path) -> Path:
     tmp.mkdir(parents=True)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, shard in enumerate(tqdm(shards, desc=f"converting {src.name} to bf16 safetensors", unit="shard")):
-        state = torch.load(src / shard, map_location="cpu", weights_only=True, mmap=True)
-        out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-        del state
+    progress = tqdm(
+        total=sum((src / shard).stat().st_size for shard in shards),
+        desc=f"converting {src.name} to bf16 safetensors (once)",
+        unit="B",
+        unit_scale=True,
+    )
+    for i, shard in enumerate(shards):
+        out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in _mmap_load(src / shard).items()}
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(out, tmp / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(out, name))
         total += sum(t.numel() * t.element_size() for t in out.values())
-        del out
+        del out  # before the next shard: one shard's bf16 copy in memory at a time
+        progress.update((src / shard).stat().st_size)
+    progress.close()
     index_out = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index_out, indent=2))
     for f in src.iterdir():
@@ -303,6 +309,14 @@ def convert_bin_to_bf16_safetensors(src: Path, dest: Path) -> Path:
         os.replace(tmp, dest)
     log.info("converted %s -> %s", src, dest)
     return dest
+
+
+def _mmap_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, memory-mapped when its format allows (zip files: torch >= 1.6)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the pre-1.6 tar format cannot be mapped; it is read into memory
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _quantization_config(quant: str, dtype: torch.dtype):

@@ -137,8 +137,11 @@ _PIECES = st.sampled_from(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_PIECES, max_size=14).map("".join))
-def test_any_text_matches_the_released_slow_tokenizer(released_tok, text):
-    assert released_tok(text)["input_ids"] == released_slow_ids(text)
+def test_any_text_matches_the_released_slow_tokenizer(released_tok, saved_tok, slow_tok, text):
+    want = released_slow_ids(text)
+    assert released_tok(text)["input_ids"] == want
+    assert saved_tok(text)["input_ids"] == want
+    assert [slow_tok.bos_token_id] + slow_tok(text, add_special_tokens=False)["input_ids"] == want
 
 
 @pytest.mark.parametrize("units", [[0], [1, 2], [19, 0, 11, 11, 5], list(range(N_UNITS))])
