@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lm_fixtures import released_tokenizer_dir
 
 from speechgpt_app.events import Answer, End, Heard, Notice, Units
 from speechgpt_app.parser import ChainParser, coalesce, parse
 from speechgpt_app.prompt import format_answer
+from speechgpt_app.vocab import load_tokenizer
 
 N = 1000  # the released unit vocabulary
 
@@ -74,18 +76,31 @@ def test_multibyte_text():
     )
 
 
-@pytest.mark.parametrize(
-    ("heard", "answer", "units"),
-    [
-        ("what is up", "Not much.", [5, 0, 999]),
-        ("what is up", "Not much.", None),
-        (None, "Not much; you?", [12]),
-        (None, "Not much.", None),
-        ("what is up", None, None),
-        (None, None, [3, 4]),
-    ],
-)
+ROUND_TRIPS = [
+    ("what is up", "Not much.", [5, 0, 999]),
+    ("what is up", "Not much.", None),
+    (None, "Not much; you? é 你", [12]),
+    (None, "Not much.", None),
+    ("what is up", None, None),
+    (None, None, [3, 4]),
+]
+
+
+@pytest.mark.parametrize(("heard", "answer", "units"), ROUND_TRIPS)
 def test_round_trip_with_format_answer(heard, answer, units):
+    assert parse(format_answer(heard, answer, units), N) == ok(*expected_events(heard, answer, units))
+
+
+@pytest.mark.parametrize(("heard", "answer", "units"), ROUND_TRIPS)
+def test_answers_as_the_released_tokenizer_decodes_them(heard, answer, units):
+    # Its added tokens strip the spaces around them when encoding, and decoding writes
+    # "[ua]<sosp>" and "<eosp> <eoa>": the variants the parser must read.
+    tok = load_tokenizer(released_tokenizer_dir(1000))
+    decoded = tok.decode(tok(format_answer(heard, answer, units), add_special_tokens=False).input_ids)
+    assert parse(decoded, N) == ok(*expected_events(heard, answer, units))
+
+
+def expected_events(heard, answer, units) -> list:
     expected = []
     if heard is not None:
         expected.append(Heard(heard))
@@ -93,7 +108,7 @@ def test_round_trip_with_format_answer(heard, answer, units):
         expected.append(Answer(answer))
     if units is not None:
         expected.append(Units(tuple(units)))
-    assert parse(format_answer(heard, answer, units), N) == ok(*expected)
+    return expected
 
 
 # --- malformed output: keep what is usable, count what is dropped ---------------------------------
