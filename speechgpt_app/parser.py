@@ -92,8 +92,8 @@ def _next_lexeme(buf: str, eof: bool, in_units: bool) -> _Lexeme | None:
     return _Lexeme(_TEXT, _TEXT_RUN.match(buf).group())
 
 
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class ChainParser:
@@ -113,7 +113,8 @@ class ChainParser:
         self._seen_anything = False  # has any non-whitespace lexeme arrived? (`[tq]` must come first)
         self._blocks = 0  # unit spans opened; only the first one's units are kept
         self._finished = False
-        self._after_eoa = ""  # everything after <eoa>, ignored
+        self._after_eoa = 0  # characters after <eoa>, ignored
+        self._after_eoa_blank = True  # ... and whether they were all whitespace (then not a problem)
         self._drops: Counter[str] = Counter()  # what was dropped or ignored, by kind
         self._misplaced: list[str] = []  # misplaced tags, distinct, in order of appearance
         self._flags: list[str] = []  # problems without a count, in order of appearance
@@ -154,7 +155,7 @@ class ChainParser:
 
     def _run(self, text: str, eof: bool) -> list[Event]:
         if self.done:
-            self._after_eoa += text
+            self._ignore_after_eoa(text)
             return []
         self._buf += text
         events: list[Event] = []
@@ -165,9 +166,13 @@ class ChainParser:
             self._buf = self._buf[len(lexeme.text) :]
             events.extend(self._step(lexeme))
         if self.done:
-            self._after_eoa += self._buf
+            self._ignore_after_eoa(self._buf)
             self._buf = ""
         return events
+
+    def _ignore_after_eoa(self, text: str) -> None:
+        self._after_eoa += len(text)
+        self._after_eoa_blank = self._after_eoa_blank and not text.strip()
 
     # --- the grammar --------------------------------------------------------------------------------
 
@@ -317,10 +322,8 @@ class ChainParser:
                     f"ignored {_count(d['misplaced_tag'], 'misplaced tag')}: {', '.join(self._misplaced)}",
                 )
             )
-        if self._after_eoa.strip():
-            dropped.append(
-                ("text_dropped", f"ignored {_count(len(self._after_eoa), 'character')} after {EOA}")
-            )
+        if not self._after_eoa_blank:
+            dropped.append(("text_dropped", f"ignored {_count(self._after_eoa, 'character')} after {EOA}"))
         problems = self._flags + [sentence for _, sentence in dropped]
         return problems, [Notice(kind, sentence) for kind, sentence in dropped]
 
