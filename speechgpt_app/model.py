@@ -192,21 +192,38 @@ def _hub_offline() -> bool:
 
 def _snapshot(repo_id: str, what: str, adapter: bool) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
     offline = _hub_offline()
     weights = ["adapter_model.*"] if adapter else ["*.safetensors", "*.safetensors.index.json"]
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=_HUB_META + patterns, local_files_only=offline, cache_dir=_hub_cache()
+            )
+        )
+
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_META + weights, local_files_only=offline))
+        path = fetch(weights)
         if not adapter and not any(path.glob("*.safetensors")):
             # The released -cm ships only fp32 pickles: fetch them (they are converted once, later).
-            bins = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-            path = Path(snapshot_download(repo_id, allow_patterns=_HUB_META + bins, local_files_only=offline))
+            path = fetch(["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    except IncompleteSnapshotError as e:
+        raise ModelLoadError(
+            f"the cached copy of the {what} {repo_id!r} is incomplete (an interrupted download?): "
+            f"run `hf download {repo_id}` again while online"
+        ) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise ModelLoadError(
-            f"the {what} {repo_id!r} is not a local directory and is not in the Hugging Face cache, and "
-            f"HF_HUB_OFFLINE=1 forbids downloading it. Download it once with `hf download {repo_id}` "
-            "(online), or point to a local directory"
+            f"the {what} {repo_id!r} is not a local directory and is not in the Hugging Face cache "
+            f"({_hub_cache()}), and HF_HUB_OFFLINE=1 forbids downloading it. Download it once with "
+            f"`hf download {repo_id}` (online), or point to a local directory"
         ) from e
     except (HfHubHTTPError, OSError) as e:
         raise ModelLoadError(f"could not download the {what} {repo_id!r} from the Hugging Face Hub: {e}") from e
@@ -228,9 +245,16 @@ def _load_checked_tokenizer(adapter_dir: Path | None, model_dir: Path, n_units: 
 
 
 def _hf_home() -> Path:
+    # Read the environment at call time: huggingface_hub fixes its constants when first imported.
     from huggingface_hub import constants
 
     return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+
+
+def _hub_cache() -> Path:
+    """The Hub cache: $HF_HUB_CACHE, else $HF_HOME/hub."""
+    explicit = os.environ.get("HF_HUB_CACHE")
+    return Path(explicit).expanduser() if explicit else _hf_home() / "hub"
 
 
 def _cache_name(location: str | Path, model_dir: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,31 @@ def test_fp32_bin_is_converted_once_to_bf16_safetensors(tmp_path, monkeypatch):
     reference = load_lm(LMSpec(tiny_lm_dir(N_UNITS), device="cpu"))  # same weights, safetensors, cast on load
     torch.testing.assert_close(logits(first), logits(reference), rtol=0, atol=0)
     torch.testing.assert_close(logits(second), logits(reference), rtol=0, atol=0)
+
+
+def fake_hub_cache(hub: Path, repo_id: str, files: Path) -> None:
+    """Lay `files` out as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files, repo / "snapshots" / commit)
+
+
+def test_released_layout_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    """Hub ids resolve through the cache offline; the fp32 .bin repo is converted under its repo name."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    fake_hub_cache(tmp_path / "hub", "speechgpt-tests/tiny-cm", sharded_bin_dir(N_UNITS))
+    fake_hub_cache(tmp_path / "hub", "speechgpt-tests/tiny-com", lora_adapter_dir(N_UNITS))
+    lm = load_lm(LMSpec("speechgpt-tests/tiny-cm", adapter="speechgpt-tests/tiny-com", quant="nf4", device="cpu"))
+    assert lm.description == (
+        "speechgpt-tests/tiny-cm + LoRA speechgpt-tests/tiny-com (kept apart: a quantised base cannot be merged), "
+        "NF4 (bf16 compute), cpu"
+    )
+    assert (converted_dir("speechgpt-tests--tiny-cm") / "model.safetensors.index.json").is_file()
+    assert lm.n_units == N_UNITS
 
 
 def test_converted_dir_is_under_hf_home(tmp_path, monkeypatch):
