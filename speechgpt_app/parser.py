@@ -7,7 +7,9 @@ What follows `[SpeechGPT]: ` (REFERENCE.md §3):
 `[tq]` is optional (the released model omits it), and any part may be missing: `[ta] text<eoa>`,
 `[ua] <sosp>...<eosp><eoa>`, a bare `<sosp>...<eosp><eoa>` (TTS-style), or plain text (a transcript).
 Whitespace around the separators and inside the unit span is tolerated (old slow tokenizers decode
-`<sosp> <661> <588>`), as is a missing `;` or a missing space after it.
+`<sosp> <661> <588>`), as is a missing `;` or a missing space after it. Unit tokens that come without
+`<sosp>` still start the units (reported). `.state` says which part is being read, so a caller that
+wants a text answer only can stop generating once it turns "units".
 
 The parser is incremental and never raises on model output. Text is cut into lexemes: tags (`[tq]`,
 `[ta]`, `[ua]`, `<sosp>`, `<eosp>`, `<eoa>`), unit tokens `<N>`, `;`, whitespace runs and text runs.
