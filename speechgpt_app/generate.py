@@ -1,0 +1,443 @@
+"""The token stream: our own sampling loop over a causal LM with a key/value cache.
+
+We do not call `model.generate`: the pipeline needs to see every token as it is made, to cancel
+between any two steps, to force text into the answer (an edited transcript, or `; [ua] <sosp>` when
+a speech answer stops after its text), and to let a hook rewrite the logits (the scripted test model).
+
+The stream's text is `decode(tokenizer, ids)` of the answer's ids, delivered as deltas by an
+`IncrementalDetokenizer`; stop strings such as `<eoa>` are found in that text because SpeechGPT
+spells them with ordinary pieces, not as single tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+# The released inference settings (SpeechGPT's speechgpt/src/infer/cli_infer.py).
+DO_SAMPLE = True
+TEMPERATURE = 0.7
+TOP_P = 0.8
+TOP_K = 50
+MAX_NEW_TOKENS = 2048  # tokens; also capped so that prompt + answer fit the context
+MIN_NEW_TOKENS = 10  # tokens before `</s>` may end the answer
+
+EOA = "<eoa>"  # end of answer, spelled with ordinary pieces
+DETOKENIZER_CONTEXT = 5  # tokens of left context re-decoded after a truncation (spaces, bytes)
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
+
+FinishReason = Literal["eoa", "eos", "max_tokens", "cancelled"]
+
+LogitsHook = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+"""`hook(answer_ids, logits) -> logits`: sees the answer so far (forced tokens included) and the next
+token's float32 logits (1-D, vocabulary size) after the `min_new_tokens` mask; it has the last word."""
+
+OnStop = Callable[[str, str], "str | None"]
+"""`on_stop(reason, text) -> continuation or None`: called when the model ends the answer ("eoa" or
+"eos"), with the answer's text up to the stop. Returning text forces it in place of the stop and
+generation goes on; None lets the answer end."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick each next token. Defaults are the released inference settings."""
+
+    do_sample: bool = DO_SAMPLE
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    top_k: int = TOP_K  # 0 keeps every token
+    max_new_tokens: int = MAX_NEW_TOKENS
+    min_new_tokens: int = MIN_NEW_TOKENS
+    seed: int | None = None  # None: a fresh random seed per answer
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        """Sampling at temperature 0 is taking the most likely token."""
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counts and wall times of one answer."""
+
+    prompt_tokens: int
+    sampled_tokens: int  # chosen by the model (or its logits hook)
+    forced_tokens: int  # fed from forced text
+    prefill_s: float  # reading the prompt (and any forced prefix) up to the first logits
+    total_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Sampled tokens per second of decoding, after the prompt was read."""
+        decode_s = self.total_s - self.prefill_s
+        return self.sampled_tokens / decode_s if decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One item of the stream: a token and the text it completed, or (last) the finish.
+
+    `text` may be empty (an unfinished character, or text that may start a stop string), and the
+    final step carries any text held until then. Joining every `text` gives the answer's text up to,
+    not including, the stop string.
+    """
+
+    token_id: int | None
+    text: str
+    forced: bool = False
+    finish: FinishReason | None = None
+    stop: str | None = None  # the stop string that ended the answer, if one did
+    stats: GenerationStats | None = None
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """The one way answer ids become text here (special tokens dropped, no space clean-up)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, such that the deltas join to `decode(tokenizer, ids)`.
+
+    SentencePiece text is not a concatenation of per-token strings: a word's leading space depends on
+    what precedes it, and a run of byte-fallback tokens (`<0xE4>`) decodes only as a whole (an invalid
+    run turns every one of its bytes into U+FFFD, even bytes that were valid on their own). So each
+    delta is the difference between decoding a short window of recent ids with and without the new
+    ones, and nothing is emitted while the ids end in a byte token or the text in U+FFFD.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: the decoded text from here gives context to new ids
+        self._read = 0  # ids before this are emitted
+        self.text = ""  # everything emitted so far
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly empty)."""
+        self.ids.append(int(token_id))
+        if self._is_byte(token_id):
+            return ""
+        prefix_text = decode(self.tokenizer, self.ids[self._prefix : self._read])
+        window_text = decode(self.tokenizer, self.ids[self._prefix :])
+        if len(window_text) <= len(prefix_text) or window_text.endswith("\ufffd"):
+            return ""
+        delta = window_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Emit whatever is left, unfinished characters included."""
+        prefix_text = decode(self.tokenizer, self.ids[self._prefix : self._read])
+        delta = decode(self.tokenizer, self.ids[self._prefix :])[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def truncate(self, n: int) -> None:
+        """Forget every id from index `n` on (all of `ids[:n]` counts as emitted).
+
+        Cut where the text is final: ids pushed later must not continue a byte-fallback run that
+        `ids[:n]` ends with, since that could change the characters already emitted.
+        """
+        del self.ids[n:]
+        self.text = decode(self.tokenizer, self.ids)
+        self._read = n
+        # Some context for spaces, starting after a complete byte run so it decodes as in the whole.
+        self._prefix = max(0, n - DETOKENIZER_CONTEXT)
+        while self._prefix > 0 and self._is_byte(self.ids[self._prefix - 1]):
+            self._prefix -= 1
+
+    def _is_byte(self, token_id: int) -> bool:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece) is not None
+
+
+# Per tokenizer: a copy of its backend that adds no dummy-prefix "▁" to the text it encodes.
+_NO_PREFIX_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _no_prefix_backend(tokenizer):
+    """The tokenizer's `tokenizers` backend without its dummy prefix, or None if it has no backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    cached = _NO_PREFIX_BACKENDS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    copy = Tokenizer.from_str(backend.to_str())
+    norm = copy.normalizer
+    if isinstance(norm, normalizers.Sequence):  # vocab.load_tokenizer's Prepend("▁") + Replace(" ", "▁")
+        kept = [n for n in norm if not isinstance(n, normalizers.Prepend)]
+        copy.normalizer = normalizers.Sequence(kept)
+    elif isinstance(norm, normalizers.Prepend):
+        copy.normalizer = None
+    pre = copy.pre_tokenizer
+    if isinstance(pre, pre_tokenizers.Metaspace):
+        copy.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+    _NO_PREFIX_BACKENDS[tokenizer] = (len(tokenizer), copy)
+    return copy
+
+
+def encode_continuation(tokenizer, text: str, previous_ids: Sequence[int] = ()) -> list[int]:
+    """The ids of `text` written right after `previous_ids`, tokenised as training text was.
+
+    Training encoded each answer in one piece, so text that continues an answer gets no dummy-prefix
+    "▁" of its own (`answer` + `; [ua]` is `answer;▁[ua]`, not `answer▁;▁[ua]`), while text after an
+    added token inside it keeps the tokenizer's usual handling. The decoded result is the tokenizer's
+    rendering of `text`: spaces next to added tokens (`[ua] <sosp>`) follow the tokenizer's rules.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    backend = _no_prefix_backend(tokenizer)
+    if not previous_ids or backend is None:
+        return list(ids)
+    added = set(tokenizer.get_added_vocab().values())
+    bare = backend.encode(text, add_special_tokens=False).ids
+    # Both encodings split the text at the same added tokens: take the bare one up to the first.
+    head = next((i for i, t in enumerate(bare) if t in added), len(bare))
+    tail = next((i for i, t in enumerate(ids) if t in added), len(ids))
+    return list(bare[:head]) + list(ids[tail:])
+
+
+def mask_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the `k` largest logits (all when k is 0 or at least the vocabulary), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def mask_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities first reach `p` (at least one), -inf elsewhere."""
+    if p >= 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    remove_sorted = mass_before >= p
+    remove_sorted[..., 0] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
+    """Pick the next token from 1-D float logits: argmax, or temperature -> top-k -> top-p -> sample."""
+    if options.greedy:
+        return int(torch.argmax(logits))
+    logits = mask_top_p(mask_top_k(logits / options.temperature, options.top_k), options.top_p)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator: the same seed gives the same answer on any device."""
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _find_stop(text: str, start: int, stop_strings: Sequence[str]) -> tuple[int, str] | None:
+    """The earliest stop string in text[start:], as (index, string)."""
+    hits = [(i, s) for s in stop_strings if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, start: int, stop_strings: Sequence[str]) -> int:
+    """How many trailing characters might begin a stop string (so must wait for the next token)."""
+    longest = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text) - start), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class _Decoder:
+    """The model, its cache and the answer so far: feed ids, read the next token's logits."""
+
+    def __init__(self, model, prompt_ids: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = _model_device(model)
+        self.cache = DynamicCache(config=model.config)
+        self.n_prompt = len(prompt_ids)
+        self.pending: list[int] = list(prompt_ids)  # ids not yet run through the model
+
+    def logits(self) -> torch.Tensor:
+        """Run the pending ids; the float32 logits of the next token, on the CPU."""
+        input_ids = torch.tensor([self.pending], dtype=torch.long, device=self.device)
+        self.pending = []
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float().cpu()
+
+    def crop(self, n_answer: int) -> None:
+        """Forget everything after the first `n_answer` answer ids."""
+        extra = self.cache.get_seq_length() - (self.n_prompt + n_answer)
+        if extra > 0:
+            self.cache.crop(-extra)  # transformers 5: a negative count of positions to drop
+
+
+def stream_tokens(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    prefix: str = "",
+    stop_strings: Sequence[str] = (EOA,),
+    on_stop: OnStop | None = None,
+    logits_hook: LogitsHook | None = None,
+    cancel: threading.Event | None = None,
+    context_length: int | None = None,
+) -> Iterator[Step]:
+    """Generate an answer after `prompt_ids`, one `Step` per token, then a final `Step` with `finish`.
+
+    `prefix` is forced as the start of the answer (and streamed like generated text). Generation
+    ends at the tokenizer's EOS token ("eos", not before `min_new_tokens`), at the first of
+    `stop_strings` in the text ("eoa"; the stop string itself is not streamed), after
+    `max_new_tokens` or when the context is full ("max_tokens"), or when `cancel` is set
+    ("cancelled", checked before every model step). `context_length` defaults to the model's
+    `max_position_embeddings`. Raises ValueError when the prompt leaves no room for an answer.
+    """
+    started = time.perf_counter()
+    if context_length is None:
+        context_length = getattr(model.config, "max_position_embeddings", None)
+    limit = options.max_new_tokens
+    if context_length is not None:
+        room = context_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens: no room left in the context of {context_length}")
+        limit = min(limit, room)
+    stop_strings = tuple(s for s in stop_strings if s)
+    eos_id = tokenizer.eos_token_id
+    generator = make_generator(options.seed)
+    decoder = _Decoder(model, prompt_ids)
+    detok = IncrementalDetokenizer(tokenizer)
+    emitted = 0  # characters of detok.text already streamed
+    sampled = forced = 0
+    prefill_s: float | None = None
+
+    def release(final: bool = False) -> str:
+        """The streamable text: up to any possible stop-string start (all of it when final)."""
+        nonlocal emitted
+        end = len(detok.text) if final else len(detok.text) - _held_back(detok.text, emitted, stop_strings)
+        out = detok.text[emitted:end] if end > emitted else ""
+        emitted = max(emitted, end)
+        return out
+
+    def finish(reason: FinishReason, stop: str | None = None, text: str = "") -> Step:
+        stats = GenerationStats(
+            prompt_tokens=len(prompt_ids),
+            sampled_tokens=sampled,
+            forced_tokens=forced,
+            prefill_s=prefill_s if prefill_s is not None else time.perf_counter() - started,
+            total_s=time.perf_counter() - started,
+        )
+        return Step(None, text, finish=reason, stop=stop, stats=stats)
+
+    def force(ids: Sequence[int]) -> Iterator[Step]:
+        nonlocal forced
+        for token_id in ids[: limit - len(detok.ids)]:  # the context ends here in any case
+            decoder.pending.append(token_id)
+            detok.push(token_id)
+            forced += 1
+            yield Step(token_id, release(), forced=True)
+
+    prefix_ids = encode_continuation(tokenizer, prefix) if prefix else []
+    if len(prefix_ids) > limit:
+        raise ValueError(f"the forced prefix has {len(prefix_ids)} tokens, more than the {limit} allowed")
+    yield from force(prefix_ids)
+
+    while True:
+        if cancel is not None and cancel.is_set():
+            detok.flush()
+            yield finish("cancelled", text=release(final=True))
+            return
+        if len(detok.ids) >= limit:
+            detok.flush()
+            yield finish("max_tokens", text=release(final=True))
+            return
+        logits = decoder.logits()
+        if prefill_s is None:
+            prefill_s = time.perf_counter() - started
+        if eos_id is not None and len(detok.ids) < options.min_new_tokens:
+            logits[eos_id] = float("-inf")
+        if logits_hook is not None:
+            logits = logits_hook(list(detok.ids), logits)
+        token_id = choose_token(logits, options, generator)
+
+        if token_id == eos_id:
+            detok.flush()
+            continuation = on_stop("eos", detok.text) if on_stop is not None else None
+            if continuation:
+                yield from force(encode_continuation(tokenizer, continuation, detok.ids))
+                continue
+            yield finish("eos", text=release(final=True))
+            return
+
+        decoder.pending.append(token_id)
+        detok.push(token_id)
+        sampled += 1
+        hit = _find_stop(detok.text, emitted, stop_strings)
+        if hit is None:
+            yield Step(token_id, release())
+            continue
+        at, stop = hit
+        before_stop = detok.text[emitted:at]
+        emitted = at
+        continuation = on_stop("eoa", detok.text[:at]) if on_stop is not None else None
+        if not continuation:
+            yield Step(token_id, before_stop)
+            yield finish("eoa", stop=stop)
+            return
+        yield Step(token_id, before_stop)
+        yield from force(_retract(decoder, detok, at, continuation))
+
+
+def _retract(decoder: _Decoder, detok: IncrementalDetokenizer, at: int, continuation: str) -> list[int]:
+    """Take back the tokens that spelled a stop string at text index `at`; ids to force instead.
+
+    The answer is cut back to the last token boundary before `at`; the forced ids re-spell the text
+    between that boundary and `at`, then `continuation`, so the text streamed so far stays true.
+    """
+    tokenizer = detok.tokenizer
+    full = detok.text
+    keep = len(detok.ids)
+    while keep > 0 and len(decode(tokenizer, detok.ids[:keep])) > at:
+        keep -= 1
+    kept = decode(tokenizer, detok.ids[:keep])
+    detok.truncate(keep)
+    decoder.crop(keep)
+    decoder.pending = []
+    return encode_continuation(tokenizer, full[len(kept) : at] + continuation, detok.ids)
