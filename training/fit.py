@@ -32,6 +32,7 @@ IGNORE_INDEX = -100  # label value the loss skips (prefix tokens and padding)
 PAD_ID = 0  # the reference pads with id 0 (LLaMA's <unk>)
 CHECKPOINTS = "checkpoints"  # under out_dir: step-000010/ ... (accelerate state + trainer.json)
 MODEL_DIR = "model"  # under out_dir: what the next stage and the app load by path
+TRAINING_JSON = "training.json"  # in the model dir: stage, config, steps, losses (export's provenance)
 LOG_CSV = "log.csv"
 LOG_FIELDS = ("step", "split", "loss", "lr", "tokens", "seconds")
 
@@ -57,7 +58,8 @@ class TrainConfig:
     block_size: int = 1024  # tokens per example (stage 1: packed block length)
     micro_batch_size: int = 1  # examples per process per forward pass
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps (the schedule's length)
+    stop_at_step: int = 0  # end this invocation after this step, with a checkpoint (time-boxed jobs); 0 = run to max_steps
     lr: float = 2e-5
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.0  # fraction of max_steps spent warming up linearly from 0
@@ -99,6 +101,7 @@ class FitResult:
     eval_loss: float | None = None
     model_dir: Path | None = None
     resumed_from: int = 0
+    tokens_per_process: list[int] = field(default_factory=list)  # tokens each process trained on in this run
 
 
 class _Ordered(Dataset):
@@ -155,6 +158,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import ProjectConfiguration, set_seed
 
     acc = Accelerator(
+        # Without CUDA, say so: torchrun-launched processes then form a CPU (gloo) group instead of
+        # each training alone (Accelerate only picks MULTI_CPU when told the run is on CPU).
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         project_config=ProjectConfiguration(project_dir=cfg.out_dir),
@@ -295,7 +301,8 @@ def fit(
     model.train()
     t0 = time.perf_counter()
     tokens = 0
-    for step in range(start, cfg.max_steps):
+    stop = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    for step in range(start, stop):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -319,12 +326,27 @@ def fit(
         if val and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
             result.eval_loss = evaluate(acc, model, val_loader)
             logger.write(done, "eval", result.eval_loss, lr, tokens, time.perf_counter() - t0)
-        if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+        if done == stop or (cfg.save_every and done % cfg.save_every == 0):
             _save_checkpoint(acc, out_dir, done, cfg.keep_checkpoints)
         result.step = done
     logger.close()
+    result.tokens_per_process = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
+    if result.step < cfg.max_steps:  # stopped early on purpose: the checkpoint is the output
+        acc.print(f"{stage}: stopped at step {result.step} of {cfg.max_steps}; run again to resume")
+        return result
     if cfg.save_model:
         result.model_dir = save_model(acc, model, tokenizer, out_dir / MODEL_DIR)
+        if acc.is_main_process:
+            summary = {
+                "stage": stage,
+                "config": to_dict(cfg),
+                "steps": result.step,
+                "processes": world,
+                "tokens_per_process": result.tokens_per_process,
+                "final_train_loss": result.train_losses[-1] if result.train_losses else None,
+                "final_eval_loss": result.eval_loss,
+            }
+            (result.model_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2))
     return result
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import parse_args, to_dict
-from training.fit import MODEL_DIR
+from training.fit import MODEL_DIR, TRAINING_JSON
 
 # Text the base tokenizer must not learn: units and stage-1/2 tokens become added tokens in stages 1-2.
 _ADDED = re.compile(r"<sosp>.*?<eosp>|<sosp>|<eosp>|<eoh>|<eos>|\[Human\]|\[SpeechGPT\]|<\d+>", re.S)
@@ -117,7 +117,7 @@ def main(cfg: Stage0Config) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (Path(cfg.out_dir) / "config.json").write_text(json.dumps({"stage": "stage0", **to_dict(cfg)}, indent=2))
+    (out / TRAINING_JSON).write_text(json.dumps({"stage": "stage0", "config": to_dict(cfg), "steps": 0}, indent=2))
     return out
 
 
