@@ -108,15 +108,10 @@ def load_lm(spec: LMSpec) -> LoadedLM:
     model_dir = resolve_location(spec.path, "language model")
     adapter_dir = resolve_location(spec.adapter, "LoRA adapter", adapter=True) if spec.adapter else None
     tokenizer = _load_checked_tokenizer(adapter_dir, model_dir, spec.n_units)
+    _check_rows(model_dir, len(tokenizer))  # before reading gigabytes of weights
     weights_dir = ensure_safetensors(model_dir, _cache_name(spec.path, model_dir))
 
     model = _load_weights(weights_dir, dtype, quant, device)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows < len(tokenizer):
-        raise ModelLoadError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings only {rows} rows: "
-            "tokenizer and weights do not belong together"
-        )
     lora = ""
     if adapter_dir is not None:
         model, lora = _apply_adapter(model, adapter_dir, spec, quant)
@@ -220,10 +215,11 @@ def _snapshot(repo_id: str, what: str, adapter: bool) -> Path:
             f"run `hf download {repo_id}` again while online"
         ) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"the Hub could not be reached ({e})"
         raise ModelLoadError(
             f"the {what} {repo_id!r} is not a local directory and is not in the Hugging Face cache "
-            f"({_hub_cache()}), and HF_HUB_OFFLINE=1 forbids downloading it. Download it once with "
-            f"`hf download {repo_id}` (online), or point to a local directory"
+            f"({_hub_cache()}), and {why}. Download it once with `hf download {repo_id}` (online), "
+            "or point to a local directory"
         ) from e
     except (HfHubHTTPError, OSError) as e:
         raise ModelLoadError(f"could not download the {what} {repo_id!r} from the Hugging Face Hub: {e}") from e
@@ -242,6 +238,18 @@ def _load_checked_tokenizer(adapter_dir: Path | None, model_dir: Path, n_units: 
     except VocabularyError as e:
         raise ModelLoadError(f"the tokenizer in {source} does not fit: {e}") from e
     return tokenizer
+
+
+def _check_rows(model_dir: Path, n_tokens: int) -> None:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"no config.json in {model_dir}: not a transformers model directory")
+    rows = json.loads(config.read_text()).get("vocab_size", 0)
+    if rows < n_tokens:
+        raise ModelLoadError(
+            f"the tokenizer has {n_tokens} tokens but the model's embeddings only {rows} rows: "
+            "tokenizer and weights do not belong together"
+        )
 
 
 def _hf_home() -> Path:

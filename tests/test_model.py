@@ -226,7 +226,10 @@ def test_hub_id_not_cached_while_offline(monkeypatch, tmp_path):
 
 def test_directory_without_weights(tmp_path):
     shutil.copytree(released_tokenizer_dir(N_UNITS), tmp_path / "lm")
-    with pytest.raises(ModelLoadError, match="no model weights"):
+    with pytest.raises(ModelLoadError, match="no config.json in .*not a transformers model directory"):
+        load_lm(LMSpec(tmp_path / "lm", device="cpu"))
+    shutil.copy(tiny_lm_dir(N_UNITS) / "config.json", tmp_path / "lm")
+    with pytest.raises(ModelLoadError, match=r"no model weights \(\*.safetensors or pytorch_model\*.bin\)"):
         load_lm(LMSpec(tmp_path / "lm", device="cpu"))
 
 
