@@ -93,6 +93,12 @@ def extend_tokenizer(tok: PreTrainedTokenizerBase, n_units: int, stage2: bool = 
     while have < len(wanted) and wanted[have] in vocab:
         have += 1
     _check_order(tok, wanted[:have])
+    early = [t for t in wanted[have:] if t in vocab]
+    if early:  # refuse before changing anything
+        raise VocabularyError(
+            f"the tokenizer has SpeechGPT's token {early[0]!r} but not {wanted[have]!r} before it: "
+            "the added tokens are not in SpeechGPT's order"
+        )
     tok.add_tokens([_as_added(t) for t in wanted[have:]])
     _check_order(tok, wanted)
     return len(wanted) - have

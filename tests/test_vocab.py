@@ -200,6 +200,15 @@ def test_extend_refuses_foreign_tokens():
         extend_tokenizer(tok, N_UNITS)
 
 
+def test_extend_refuses_tokens_out_of_order_without_changing_the_tokenizer():
+    tok = load_tokenizer(base_tokenizer_dir())
+    tok.add_tokens(unit_tokens(N_UNITS) + ["<eosp>"])
+    size = len(tok)
+    with pytest.raises(VocabularyError, match="has SpeechGPT's token '<eosp>' but not '<sosp>' before it"):
+        extend_tokenizer(tok, N_UNITS)
+    assert len(tok) == size
+
+
 def test_check_reports_unit_mismatch_with_the_speech_model(released_tok):
     with pytest.raises(VocabularyError, match=f"language model knows {N_UNITS} units but the speech model has 50"):
         check_vocabulary(released_tok, 50)
