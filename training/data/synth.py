@@ -135,10 +135,18 @@ def all_voices(names: Sequence[str]) -> list[Voice]:
 
 
 def pick_voice(names: Sequence[str], rng: random.Random) -> Voice:
-    """One voice from the pool of the named back-ends, drawn with the record's seeded generator."""
-    return rng.choice(all_voices(names))
+    """A back-end, then one of its voices, drawn with the record's seeded generator.
+
+    Back-ends are equally likely whatever their number of voices, so flite's five voices are not
+    drowned out by espeak-ng's two dozen.
+    """
+    backend = rng.choice(list(names))
+    return Voice(backend, rng.choice(get(backend).voices))
 
 
 def synthesize(text: str, voice: Voice) -> np.ndarray:
-    """`text` spoken by `voice`, float32 mono 16 kHz."""
-    return get(voice.backend).synthesize(text, voice.name)
+    """`text` spoken by `voice` (one its back-end lists), float32 mono 16 kHz."""
+    backend = get(voice.backend)
+    if voice.name not in backend.voices:
+        raise SynthError(f"{voice.backend} has no voice {voice.name!r}; voices: {', '.join(backend.voices)}")
+    return backend.synthesize(text, voice.name)

@@ -1,0 +1,70 @@
+"""Recipes + overrides -> typed stage arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, parse_args
+from training.export import ExportConfig
+from training.fit import LoraArgs, TrainConfig
+from training.stage0_base import Stage0Config
+
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/stage[123].yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_stage_recipe_parses(recipe: Path) -> None:
+    cfg = parse_args(TrainConfig, ["--config", str(recipe)])
+    assert cfg.max_steps > 0 and cfg.lr > 0
+    if recipe.stem == "stage3":
+        assert isinstance(cfg.lora, LoraArgs)
+
+
+def test_7b_recipes_hold_the_reference_hyperparameters() -> None:
+    s1, s2, s3 = (parse_args(TrainConfig, ["--config", str(RECIPES / "7b" / f"stage{i}.yaml")]) for i in (1, 2, 3))
+    assert (s1.block_size, s1.lr, s1.schedule, s1.n_units) == (1024, 5e-5, "linear", 1000)
+    assert (s2.block_size, s2.lr, s2.schedule, s2.warmup_ratio, s2.weight_decay) == (512, 2e-5, "cosine", 0.03, 0.0)
+    assert (s3.block_size, s3.lr, s3.schedule, s3.warmup_ratio) == (1024, 2e-5, "cosine", 0.03)
+    assert s3.lora == LoraArgs(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
+    assert all(c.precision == "bf16" and c.gradient_checkpointing for c in (s1, s2, s3))
+
+
+def test_other_recipes_parse() -> None:
+    assert parse_args(Stage0Config, ["--config", str(RECIPES / "tiny" / "stage0.yaml")]).vocab_size > 259
+    for name in ("tiny", "7b"):
+        assert parse_args(ExportConfig, ["--config", str(RECIPES / name / "export.yaml")]).out
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
+    recipe = RECIPES / "tiny" / "stage3.yaml"
+    cfg = parse_args(
+        TrainConfig,
+        ["--config", str(recipe), "--max_steps", "7", "--lr=0.5", "--lora.r", "4", "--lora.targets", "q_proj,k_proj", "--quant", "nf4"],
+    )
+    assert (cfg.max_steps, cfg.lr, cfg.quant) == (7, 0.5, "nf4")
+    assert cfg.lora == LoraArgs(r=4, alpha=16, dropout=0.05, targets=("q_proj", "k_proj"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max_stepz", "3"], "unknown option"),
+        (["--max_steps", "three"], "expected int"),
+        (["--schedule", "exponential"], "not one of"),
+        (["--lora.rank", "4"], "unknown option"),
+        (["--max_steps"], "needs a value"),
+        (["stray"], "unexpected argument"),
+        (["--config", "/nonexistent.yaml"], "does not exist"),
+    ],
+)
+def test_bad_arguments_fail_clearly(argv: list[str], message: str) -> None:
+    base = ["--base", "b", "--data", "d", "--out_dir", "o"]
+    with pytest.raises(ConfigError, match=message):
+        parse_args(TrainConfig, base + argv)
+
+
+def test_missing_required_field() -> None:
+    with pytest.raises(ConfigError, match="base"):
+        parse_args(TrainConfig, ["--data", "d", "--out_dir", "o"])
