@@ -53,7 +53,7 @@ LOGMEL_DEFAULTS: dict[str, Any] = {
 _DEFAULTS = {"hubert": HUBERT_DEFAULTS, "logmel": LOGMEL_DEFAULTS}
 
 LOG_FLOOR = 1e-5  # log-mel floor (amplitude): keeps log() finite on digital silence
-DISTANCE_BLOCK_ELEMENTS = 1 << 23  # floats in one block of (x - c)^2: 32 MiB, bounds peak memory
+DISTANCE_BLOCK_ELEMENTS = 1 << 22  # float64 distances per block (32 MiB): bounds peak memory
 
 Wave = Union[np.ndarray, torch.Tensor]
 
@@ -431,20 +431,23 @@ def extractor_from_config(config: SpeechConfig, speech_dir: str | Path) -> Featu
 def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centre (squared Euclidean) for each row of x: [T, D], [K, D] -> long [T].
 
-    Computes sum((x - c)^2) directly, in float32 blocks of frames, rather than the expansion
-    |x|^2 - 2 x.c + |c|^2, whose cancellation can pick a different centre when two are nearly
-    equidistant. Ties go to the lowest index (torch.argmin's rule, as numpy's).
+    Ranks centres by |c|^2 - 2 x.c (|x|^2 is the same for every centre of a row) computed in
+    float64, in blocks of frames. In float32 this shortcut cancels badly far from the origin and can
+    pick the wrong centre of two nearly equidistant ones; in float64 its error (~1e-16 |x||c|) is far
+    below float32's own precision, so it agrees with the exact sum((x - c)^2) wherever the float32
+    inputs can tell the centres apart (the tests check it against a float64 brute force), while
+    running ~10x faster than materialising x - c. Ties go to the lowest index (as numpy's argmin).
     """
-    x = x.to(torch.float32)
-    centres = centres.to(torch.float32)
     if x.ndim != 2 or centres.ndim != 2 or x.shape[1] != centres.shape[1]:
         raise ValueError(f"shape mismatch: frames {tuple(x.shape)} vs centres {tuple(centres.shape)}")
-    block = max(1, DISTANCE_BLOCK_ELEMENTS // (centres.shape[0] * centres.shape[1]))
-    out = torch.empty(x.shape[0], dtype=torch.long)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: k-means edits the result in place
+        c64 = centres.to(torch.float64)
+        c_sq = c64.square().sum(1)
+        block = max(1, DISTANCE_BLOCK_ELEMENTS // c64.shape[0])
+        out = torch.empty(x.shape[0], dtype=torch.long)
         for start in range(0, x.shape[0], block):
-            diff = x[start : start + block, None, :] - centres[None]
-            out[start : start + block] = diff.square_().sum(-1).argmin(1)
+            xb = x[start : start + block].to(torch.float64)
+            out[start : start + block] = (c_sq - 2 * xb @ c64.T).argmin(1)
     return out
 
 

@@ -192,7 +192,7 @@ def test_nearest_centre_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> 
     want = brute_force(x, c)
     np.testing.assert_array_equal(nearest_centre(torch.from_numpy(x), torch.from_numpy(c)).numpy(), want)
     # Many small blocks give the same answer as one.
-    monkeypatch.setattr(units, "DISTANCE_BLOCK_ELEMENTS", 37 * 16 * 7)
+    monkeypatch.setattr(units, "DISTANCE_BLOCK_ELEMENTS", 37 * 7)
     np.testing.assert_array_equal(nearest_centre(torch.from_numpy(x), torch.from_numpy(c)).numpy(), want)
 
 
@@ -208,6 +208,16 @@ def test_nearest_centre_is_exact_where_the_expansion_is_not() -> None:
     xt, ct = torch.from_numpy(x), torch.from_numpy(c)
     expansion = ((xt**2).sum(1, keepdim=True) - 2 * xt @ ct.T + (ct**2).sum(1)).argmin(1).numpy()
     assert (expansion != want).any()  # the data really is hard for the shortcut
+
+
+def test_nearest_centre_near_ties() -> None:
+    # Points a hair's breadth off the midpoint of two centres: only a careful distance gets these right.
+    rng = np.random.default_rng(2)
+    c = rng.standard_normal((100, 768)).astype(np.float32)
+    pairs = rng.integers(0, 100, size=(500, 2))
+    x = ((c[pairs[:, 0]] + c[pairs[:, 1]]) / 2 + 1e-4 * rng.standard_normal((500, 768))).astype(np.float32)
+    got = nearest_centre(torch.from_numpy(x), torch.from_numpy(c)).numpy()
+    np.testing.assert_array_equal(got, brute_force(x, c))
 
 
 def test_nearest_centre_ties_go_to_the_lowest_index() -> None:
