@@ -31,6 +31,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 CONFIG_FILE = "config.json"  # fairseq's vocoder config, kept byte-for-byte as released
 WEIGHTS_FILE = "model.safetensors"  # the generator state dict with the released key names
+VOCODER_SUBDIR = "vocoder"  # where a speech directory keeps its vocoder
 LRELU_SLOPE = 0.1  # leaky ReLU slope inside the generator (fairseq's LRELU_SLOPE)
 POST_LRELU_SLOPE = 0.01  # fairseq calls F.leaky_relu(x) with the default slope before conv_post
 EDGE_KERNEL = 7  # conv_pre and conv_post kernel size (fixed in fairseq, padding 3)
@@ -352,6 +353,14 @@ class CodeHiFiGAN(nn.Module):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
 
+def read_generator_checkpoint(g_path: str | Path) -> dict[str, torch.Tensor]:
+    """The generator state dict of fairseq's vocoder checkpoint (`{"generator": sd}`, plain tensors)."""
+    ckpt = torch.load(g_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("generator"), dict):
+        raise VocoderError(f"{g_path} is not a fairseq vocoder checkpoint (no 'generator' state dict)")
+    return ckpt["generator"]
+
+
 def _as_ids(ids: Iterable[int] | np.ndarray | torch.Tensor, n_units: int) -> list[int]:
     """Validate unit ids (integers in [0, n_units)) and return them as a list."""
     if isinstance(ids, torch.Tensor):
@@ -405,10 +414,7 @@ class Vocoder:
         cls, g_path: str | Path, config_path: str | Path, device: str | torch.device = "cpu"
     ) -> Vocoder:
         """Load fairseq's own files: `g_00500000` (`{"generator": sd}`) and `config.json`."""
-        ckpt = torch.load(g_path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "generator" not in ckpt:
-            raise VocoderError(f"{g_path} is not a fairseq vocoder checkpoint (no 'generator' entry)")
-        return cls.from_state_dict(VocoderConfig.from_json(config_path), ckpt["generator"], device)
+        return cls.from_state_dict(VocoderConfig.from_json(config_path), read_generator_checkpoint(g_path), device)
 
     @property
     def sample_rate(self) -> int:

@@ -1,0 +1,355 @@
+"""Every released file SpeechGPT needs: where it comes from, where it goes, and how it is checked.
+
+Plain URLs (mHuBERT, k-means, unit vocoder) download with urllib into `$HF_HOME/speechgpt/`
+(default `~/.cache/huggingface/speechgpt/`): with a progress bar, resuming an interrupted
+transfer from its `.part` file (HTTP Range), after checking free disk space. No hashes are
+published for these files, so each file's sha256 is recorded in `hashes.json` beside it the
+first time it is seen (trust on first use: the hash is NOT verified against anything) and a
+later mismatch is refused. The language model and adapter stay on the Hugging Face Hub; the
+preset bundle refers to them by id and model.py fetches them into the HF cache.
+
+`HF_HUB_OFFLINE=1` forbids every download; a missing file then raises MissingWeightsError
+whose message names the file, its URL and the exact path to put it by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from speechgpt_app import __version__
+
+log = logging.getLogger(__name__)
+
+CACHE_SUBDIR = "speechgpt"  # under $HF_HOME, beside the Hub cache
+HASHES_FILE = "hashes.json"
+CHUNK_BYTES = 1 << 20  # read/write block while downloading and hashing
+TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
+FREE_SPACE_MARGIN_BYTES = 64 << 20  # leave room for the conversion's small files and the OS
+_FAIR = "https://dl.fbaipublicfiles.com"
+_VOCODER = f"{_FAIR}/fairseq/speech_to_speech/vocoder/code_hifigan/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj"
+
+
+@dataclass(frozen=True)
+class ReleasedFile:
+    """One released file: its URL, the name it gets in the cache, and what it is."""
+
+    url: str
+    filename: str
+    what: str
+
+
+RELEASED: dict[str, ReleasedFile] = {
+    "mhubert": ReleasedFile(
+        f"{_FAIR}/hubert/mhubert_base_vp_en_es_fr_it3.pt",
+        "mhubert_base_vp_en_es_fr_it3.pt",
+        "mHuBERT base speech encoder (fairseq checkpoint)",
+    ),
+    "kmeans": ReleasedFile(
+        f"{_FAIR}/hubert/mhubert_base_vp_en_es_fr_it3_L11_km1000.bin",
+        "mhubert_base_vp_en_es_fr_it3_L11_km1000.bin",
+        "k-means quantiser, 1000 units on layer 11 (joblib/scikit-learn pickle)",
+    ),
+    "vocoder": ReleasedFile(
+        f"{_VOCODER}/g_00500000",
+        "g_00500000",
+        "unit HiFi-GAN vocoder weights, LJ Speech voice (CC-BY-NC)",
+    ),
+    "vocoder_config": ReleasedFile(
+        f"{_VOCODER}/config.json",
+        "vocoder_config.json",
+        "unit HiFi-GAN vocoder config.json",
+    ),
+}
+
+HUB_MODELS: dict[str, str] = {
+    "ma": "fnlp/SpeechGPT-7B-ma",  # stage 1: modality-adaptation pretraining
+    "cm": "fnlp/SpeechGPT-7B-cm",  # stage 2: cross-modal instruction finetuning (full model)
+    "com": "fnlp/SpeechGPT-7B-com",  # stage 3: chain-of-modality LoRA adapter on top of -cm
+}
+
+
+@dataclass(frozen=True)
+class ReleasedSpec:
+    """A preset assembled from released parts: Hub ids for the LM and adapter, plus the speech dir."""
+
+    name: str
+    lm: str
+    adapter: str | None
+    n_units: int
+    description: str
+
+    @property
+    def bundle_dir(self) -> Path:
+        """Where the preset's bundle.json and converted speech directory live."""
+        return cache_dir() / self.name
+
+    @property
+    def speech_dir(self) -> Path:
+        """The converted speech directory (speech.json, features/, centres, vocoder/)."""
+        return self.bundle_dir / "speech"
+
+
+PRESETS: dict[str, ReleasedSpec] = {
+    "speechgpt-7b": ReleasedSpec(
+        name="speechgpt-7b",
+        lm=HUB_MODELS["cm"],
+        adapter=HUB_MODELS["com"],
+        n_units=1000,
+        description="SpeechGPT-7B as released: -cm LLaMA + -com LoRA, mHuBERT L11 km1000 units, LJ unit vocoder",
+    ),
+}
+
+
+class MissingWeightsError(RuntimeError):
+    """A released file is not on disk and cannot be downloaded now (offline, network, disk)."""
+
+    def __init__(self, what: str, url: str, path: Path, reason: str) -> None:
+        self.url, self.path = url, Path(path)
+        super().__init__(
+            f"{what} is missing: {reason}. Download {url} and put it at {self.path} "
+            "(or run again online without HF_HUB_OFFLINE)."
+        )
+
+
+class DiskSpaceError(MissingWeightsError):
+    """Not enough free disk space for a download."""
+
+
+class HashMismatchError(MissingWeightsError):
+    """A file's sha256 differs from the one recorded when it was first downloaded."""
+
+
+class ModelNameError(ValueError):
+    """A model name that is neither a bundle directory nor a known preset."""
+
+
+def cache_dir() -> Path:
+    """`$HF_HOME/speechgpt` (default `~/.cache/huggingface/speechgpt`), read at call time."""
+    home = os.environ.get("HF_HOME")
+    if not home:
+        from huggingface_hub import constants
+
+        home = constants.HF_HOME
+    return Path(home).expanduser() / CACHE_SUBDIR
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value (read at call time, so tests and launchers can set it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashBook:
+    """`hashes.json` in one directory: sha256 per file name, recorded on first sight (unverified)."""
+
+    NOTE = (
+        "sha256 of each file, recorded the first time it was downloaded or found here (trust on first use). "
+        "No hashes are published for these files, so they are unverified; they only catch later changes."
+    )
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / HASHES_FILE
+
+    def _read(self) -> dict:
+        if not self.path.is_file():
+            return {"note": self.NOTE, "files": {}}
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
+    def recorded(self, name: str) -> str | None:
+        return self._read()["files"].get(name, {}).get("sha256")
+
+    def record(self, name: str, digest: str, url: str, size: int) -> None:
+        book = self._read()
+        book["files"][name] = {
+            "sha256": digest,
+            "bytes": size,
+            "url": url,
+            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(book, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+        log.warning("recorded sha256 %s for %s (unverified: no hashes are published)", digest, name)
+
+    def check(self, file: Path, url: str, what: str) -> None:
+        """Record the hash of a file seen for the first time; refuse one that changed since."""
+        digest = sha256_file(file)
+        want = self.recorded(file.name)
+        if want is None:
+            self.record(file.name, digest, url, file.stat().st_size)
+        elif digest != want:
+            raise HashMismatchError(
+                what,
+                url,
+                file,
+                f"its sha256 {digest} differs from {want} recorded in {self.path} when it was first "
+                "downloaded; if you replaced it on purpose, delete its entry there",
+            )
+
+
+def _check_space(directory: Path, needed: int, what: str, url: str, dest: Path) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + FREE_SPACE_MARGIN_BYTES:
+        raise DiskSpaceError(
+            what,
+            url,
+            dest,
+            f"it needs {needed / 1e6:.1f} MB (+{FREE_SPACE_MARGIN_BYTES / 1e6:.0f} MB margin) but only "
+            f"{free / 1e6:.1f} MB are free in {directory}",
+        )
+
+
+def _total_from_content_range(value: str | None) -> int | None:
+    """The full size from a `Content-Range: bytes a-b/total` header, if given."""
+    m = re.fullmatch(r"bytes\s+(?:\d+-\d+|\*)/(\d+)", (value or "").strip())
+    return int(m.group(1)) if m else None
+
+
+def download(url: str, dest: str | Path, what: str | None = None, progress: bool = True) -> Path:
+    """Fetch `url` to `dest` unless it is already there; resume a `.part` file; check the hash.
+
+    Raises MissingWeightsError (offline, network failure, incomplete transfer), DiskSpaceError,
+    or HashMismatchError; the message always says where to put the file by hand.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    what = what or dest.name
+    book = _HashBook(dest.parent)
+    if dest.is_file():
+        book.check(dest, url, what)
+        return dest
+    if offline():
+        raise MissingWeightsError(what, url, dest, "HF_HUB_OFFLINE is set, so it cannot be downloaded")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": f"speechgpt_app/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    total: int | None = None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S) as resp:
+            if have and resp.status != 206:
+                log.info("server ignored the resume request for %s; starting over", dest.name)
+                have = 0
+            length = resp.headers.get("Content-Length")
+            remaining = int(length) if length is not None else None
+            total = _total_from_content_range(resp.headers.get("Content-Range")) if have else remaining
+            _check_space(dest.parent, remaining or 0, what, url, dest)
+            with (
+                open(part, "ab" if have else "wb") as f,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+            ):
+                while block := resp.read(CHUNK_BYTES):
+                    f.write(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the .part file is already complete
+            total = _total_from_content_range(e.headers.get("Content-Range"))
+        else:
+            raise MissingWeightsError(what, url, dest, f"the server answered HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise MissingWeightsError(
+            what, url, dest, f"the download failed ({e}); run again to resume from {part.name}"
+        ) from e
+    size = part.stat().st_size if part.is_file() else 0
+    if total is not None and size != total:
+        raise MissingWeightsError(
+            what, url, dest, f"the download stopped at {size} of {total} bytes; run again to resume"
+        )
+    try:
+        book.check(part.rename(dest), url, what)
+    except HashMismatchError:
+        dest.unlink()  # the fresh copy is the suspect one; the record stays as first seen
+        raise
+    return dest
+
+
+def fetch_released(key: str, progress: bool = True) -> Path:
+    """The local path of RELEASED[key], downloading it into the cache if needed."""
+    if key not in RELEASED:
+        raise KeyError(f"unknown released file {key!r}; known: {sorted(RELEASED)}")
+    spec = RELEASED[key]
+    return download(spec.url, cache_dir() / spec.filename, what=f"{spec.what} ({spec.filename})", progress=progress)
+
+
+def ensure_released_speech_dir(progress: bool = True) -> Path:
+    """The converted released speech directory; downloads and converts once, then reuses it."""
+    from speechgpt_app.convert import write_speech_dir
+    from speechgpt_app.units import SPEECH_JSON
+
+    out = PRESETS["speechgpt-7b"].speech_dir
+    if (out / SPEECH_JSON).is_file():
+        return out
+    files = {key: fetch_released(key, progress) for key in RELEASED}
+    log.info("converting the released speech files into %s (once)", out)
+    write_speech_dir(
+        out,
+        hubert_pt=files["mhubert"],
+        kmeans_bin=files["kmeans"],
+        vocoder_pt=files["vocoder"],
+        vocoder_config_json=files["vocoder_config"],
+    )
+    return out
+
+
+def _ensure_preset(spec: ReleasedSpec) -> Path:
+    """Write the preset's bundle.json beside its converted speech directory."""
+    from speechgpt_app.bundle import BUNDLE_FILE, BundleInfo, read_bundle, write_bundle
+
+    ensure_released_speech_dir()
+    if not (spec.bundle_dir / BUNDLE_FILE).is_file():
+        info = BundleInfo(
+            name=spec.name,
+            n_units=spec.n_units,
+            prompt_style="released",
+            speech="speech",
+            lm={"hub": spec.lm},
+            adapter={"hub": spec.adapter} if spec.adapter else None,
+            description=spec.description,
+            provenance={"released_files": {k: f.url for k, f in RELEASED.items()}},
+        )
+        write_bundle(spec.bundle_dir, info)
+    read_bundle(spec.bundle_dir)  # fail here, not mid-turn, if it is inconsistent
+    return spec.bundle_dir
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A bundle directory for `name`: a local directory holding bundle.json, or a preset.
+
+    The preset `speechgpt-7b` is assembled in the cache: bundle.json pointing at the Hub ids of
+    the LM and adapter, and the converted released speech directory.
+    """
+    from speechgpt_app.bundle import BUNDLE_FILE
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / BUNDLE_FILE).is_file():
+            return path
+        raise ModelNameError(f"{path} is a directory but not a model bundle: it has no {BUNDLE_FILE}")
+    if str(name) in PRESETS:
+        return _ensure_preset(PRESETS[str(name)])
+    raise ModelNameError(
+        f"unknown model {str(name)!r}: give a bundle directory (one holding {BUNDLE_FILE}) "
+        f"or a preset name ({', '.join(sorted(PRESETS))})"
+    )
