@@ -261,7 +261,8 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
         rate = stream.codec_context.sample_rate or stream.rate
         if not rate:
             raise AudioError("unreadable", f"The sample rate of {name} is unknown.")
-        _check_channels(stream.codec_context.channels)
+        if stream.codec_context.channels:  # 0 when the header does not say; frames are checked later
+            _check_channels(stream.codec_context.channels)
         seconds = _container_seconds(container, stream)
         if seconds is not None:
             _check_duration(round(seconds * rate), rate, limits)

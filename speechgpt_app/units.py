@@ -272,7 +272,13 @@ class HubertFeatures:
     contribute nothing, so the result agrees to float rounding.)
     """
 
-    def __init__(self, model: Any, layer: int, chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        layer: int,
+        chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"],
+        device: str | torch.device = "cpu",
+    ) -> None:
         config = model.config
         if config.do_stable_layer_norm or config.feat_extract_norm != "group":
             raise ValueError(
@@ -287,7 +293,8 @@ class HubertFeatures:
         # config, so that save() writes a self-consistent model).
         model.encoder.layers = model.encoder.layers[:layer]
         config.num_hidden_layers = layer
-        self.model = model.to(torch.float32).eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device, torch.float32).eval()
         self.layer = layer
         self.chunk_samples = chunk_samples
         self.dim = int(config.hidden_size)
@@ -297,7 +304,11 @@ class HubertFeatures:
 
     @classmethod
     def from_pretrained(
-        cls, features_dir: str | Path, layer: int, chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"]
+        cls,
+        features_dir: str | Path,
+        layer: int,
+        chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"],
+        device: str | torch.device = "cpu",
     ) -> HubertFeatures:
         """Load a HubertModel saved with `save_pretrained` (config.json + model.safetensors)."""
         from transformers import HubertModel
@@ -309,10 +320,10 @@ class HubertFeatures:
                 "written by save_pretrained; `python -m speechgpt_app convert` builds it)"
             )
         model = HubertModel.from_pretrained(features_dir, dtype=torch.float32)
-        return cls(model, layer=layer, chunk_samples=chunk_samples)
+        return cls(model, layer=layer, chunk_samples=chunk_samples, device=device)
 
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
-        """float32 [N] at 16 kHz, not normalised -> [T, dim]; one utterance, chunk by chunk."""
+        """float32 [N] at 16 kHz, not normalised -> [T, dim] on the CPU; one utterance, chunk by chunk."""
         if wav.shape[0] < self.receptive_field:
             raise ValueError(
                 f"audio of {wav.shape[0]} samples is shorter than one HuBERT frame ({self.receptive_field} samples)"
@@ -323,8 +334,8 @@ class HubertFeatures:
                 # A tail shorter than the conv stack's receptive field yields no whole frame.
                 if chunk.shape[0] < self.receptive_field:
                     continue
-                hidden = self.model(chunk[None].to(torch.float32)).last_hidden_state
-                outputs.append(hidden[0])
+                hidden = self.model(chunk[None].to(self.device, torch.float32)).last_hidden_state
+                outputs.append(hidden[0].cpu())
         return torch.cat(outputs)
 
     def save(self, speech_dir: Path) -> None:
@@ -415,11 +426,13 @@ class LogMelFeatures:
         """Nothing to write: a log-mel extractor has no weights (its settings live in speech.json)."""
 
 
-def extractor_from_config(config: SpeechConfig, speech_dir: str | Path) -> FeatureExtractor:
-    """Build the feature extractor speech.json describes."""
+def extractor_from_config(
+    config: SpeechConfig, speech_dir: str | Path, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
+    """Build the feature extractor speech.json describes (HuBERT runs on `device`; log-mel on the CPU)."""
     params = {k: v for k, v in config.features.items() if k != "type"}
     if config.feature_type == "hubert":
-        return HubertFeatures.from_pretrained(Path(speech_dir) / FEATURES_DIR, **params)
+        return HubertFeatures.from_pretrained(Path(speech_dir) / FEATURES_DIR, device=device, **params)
     return LogMelFeatures(sample_rate=config.sample_rate, **params)
 
 
@@ -518,10 +531,14 @@ class SpeechTokenizer:
         self.centres = centres
 
     @classmethod
-    def from_dir(cls, speech_dir: str | Path) -> SpeechTokenizer:
-        """Load speech.json, the centres and the feature extractor from a speech directory."""
+    def from_dir(cls, speech_dir: str | Path, device: str | torch.device = "cpu") -> SpeechTokenizer:
+        """Load speech.json, the centres and the feature extractor from a speech directory.
+
+        `device` is where a HuBERT extractor runs; features come back to the CPU, where the nearest
+        centre is found (a few milliseconds per second of speech).
+        """
         config = read_speech_config(speech_dir)
-        return cls(config, extractor_from_config(config, speech_dir), load_centres(speech_dir))
+        return cls(config, extractor_from_config(config, speech_dir, device), load_centres(speech_dir))
 
     def save(self, speech_dir: str | Path) -> None:
         """Write speech.json, centres.safetensors and the extractor's weights (if any)."""

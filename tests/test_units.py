@@ -423,3 +423,15 @@ def test_tokenizer_rejects_bad_input(hubert_speech_dir: Path) -> None:
         SpeechTokenizer(tok.config, tok.extractor, torch.zeros(30, 47))
     with pytest.raises(FileNotFoundError):
         SpeechTokenizer.from_dir(hubert_speech_dir.parent)
+
+
+@pytest.mark.gpu
+def test_hubert_on_cuda_matches_cpu(hubert_speech_dir: Path, lj_wav: Path) -> None:
+    wav = load_audio(lj_wav)
+    on_cpu = SpeechTokenizer.from_dir(hubert_speech_dir)
+    on_gpu = SpeechTokenizer.from_dir(hubert_speech_dir, device="cuda")
+    assert next(on_gpu.extractor.model.parameters()).device.type == "cuda"
+    features = on_gpu.features(wav)
+    assert features.device.type == "cpu"
+    # cuDNN may run the convolutions in TF32 (PyTorch's default), hence the loose tolerance.
+    torch.testing.assert_close(features, on_cpu.features(wav), atol=1e-2, rtol=1e-2)
