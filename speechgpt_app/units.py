@@ -182,7 +182,8 @@ def _complete_features(features: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(default, int) and not (_is_int(value) and value > 0):
             raise ValueError(f"features.{key} must be a positive integer, got {value!r}")
-        if isinstance(default, float) and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, float) and not (is_number and math.isfinite(value) and value >= 0):
             raise ValueError(f"features.{key} must be a non-negative number, got {value!r}")
     return full
 

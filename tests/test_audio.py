@@ -95,6 +95,7 @@ def test_path_str_and_bytes_agree(jfk_flac: Path) -> None:
 @pytest.mark.parametrize(
     ("fmt", "subtype", "atol"),
     [
+        ("WAV", "PCM_U8", 1e-2),
         ("WAV", "PCM_16", 1e-4),
         ("WAV", "PCM_24", 1e-6),
         ("WAV", "PCM_32", 1e-6),
@@ -170,6 +171,11 @@ def test_gradio_tuples() -> None:
     np.testing.assert_allclose(x, expected_mono(as_int16 / 32768.0, 48000), atol=1e-6)
     as_int32 = (signal[:, 0] * 2**31).astype(np.int32)
     np.testing.assert_allclose(load_audio((48000, as_int32)), expected_mono(signal[:, 0], 48000), atol=1e-6)
+    # 8-bit PCM is unsigned around 128.
+    as_uint8 = np.round(signal[:, 0] * 127 + 128).astype(np.uint8)
+    np.testing.assert_allclose(
+        load_audio((48000, as_uint8)), expected_mono((as_uint8 - 128.0) / 128.0, 48000), atol=1e-6
+    )
     # Already 16 kHz float: passed through unchanged (no resampling, no normalisation).
     f32 = tone(300, 0.5, SAMPLE_RATE).astype(np.float32)
     np.testing.assert_array_equal(load_audio((SAMPLE_RATE, f32)), f32)

@@ -145,6 +145,7 @@ def test_speech_config_defaults_and_round_trip(tmp_path: Path) -> None:
         {"n_units": 10, "features": {"type": "hubert", "layer": 0}},
         {"n_units": 10, "features": {"type": "logmel", "hop_length": 320.5}},
         {"n_units": 10, "features": {"type": "logmel", "f_max": "8k"}},
+        {"n_units": 10, "features": {"type": "logmel", "f_min": True}},
         {"n_units": 10, "features": {"type": "logmel"}, "sample_rate": 22050},
         {"n_units": 10, "features": {"type": "logmel"}, "schema_version": 2},
     ],
