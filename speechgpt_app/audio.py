@@ -143,11 +143,11 @@ def _is_rate(rate: Any) -> bool:
 def _check_duration(frames: int, rate: int, limits: AudioLimits) -> None:
     seconds = frames / rate
     if seconds > limits.max_seconds:
-        raise AudioError(
-            "too_long",
-            f"The recording is {seconds:.1f} s long; the limit is {limits.max_seconds:g} s. "
-            f"Trim it or raise {MAX_SECONDS_ENV}.",
-        )
+        raise _too_long(f"The recording is {seconds:.1f} s long; the limit is {limits.max_seconds:g} s.")
+
+
+def _too_long(first_sentence: str) -> AudioError:
+    return AudioError("too_long", f"{first_sentence} Trim it or raise {MAX_SECONDS_ENV}.")
 
 
 def _check_channels(channels: int) -> None:
@@ -284,7 +284,7 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
                     chunks.append(planes.T)
                     total += planes.shape[1]
                 if total > cap:
-                    _check_duration(total, rate, limits)
+                    raise _too_long(f"The recording is longer than the limit of {limits.max_seconds:g} s.")
         except av.FFmpegError as e:
             raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
     if total == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -303,6 +304,21 @@ def test_long_webm_rejected_from_its_header(tmp_path: Path) -> None:
     err = expect_error("too_long", hour)
     assert time.perf_counter() - start < 0.5
     assert "3600" in str(err) or "3602" in str(err) or "3603" in str(err)
+
+
+def test_long_webm_without_an_honest_header_stops_at_the_limit(tmp_path: Path) -> None:
+    # Browser recordings may not state a duration; here the header claims 1 s for 30 s of audio.
+    # Decoding must stop once the limit is passed instead of decoding everything.
+    path = tmp_path / "thirty.webm"
+    ffmpeg("-f", "lavfi", "-i", "sine=f=440:r=48000", "-t", "30", "-c:a", "libopus", str(path))
+    data = path.read_bytes()
+    at = data.find(b"\x44\x89\x88")  # Matroska Duration element: id 0x4489, 8-byte float (ms)
+    assert at > 0 and struct.unpack(">d", data[at + 3 : at + 11])[0] == pytest.approx(30_000, abs=50)
+    lying = data[: at + 3] + struct.pack(">d", 1000.0) + data[at + 11 :]
+    err = expect_error("too_long", lying)
+    assert "longer than the limit of 20 s" in str(err) and MAX_SECONDS_ENV in str(err)
+    # Under the limit, the same file decodes in full (the header's 1 s is not trusted as the length).
+    assert abs(len(load_audio(lying, limits=AudioLimits(max_seconds=40))) / SAMPLE_RATE - 30) < 0.1
 
 
 def test_too_long_arrays_and_limits(tmp_path: Path) -> None:
