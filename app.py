@@ -1,26 +1,118 @@
-"""SpeechGPT voice chat: `python app.py` (also the Hugging Face Spaces entry point).
+"""SpeechGPT voice chat: `python app.py`, also the Hugging Face Spaces entry point.
 
-Placeholder until the pipeline and UI land: it serves a page that says which model it would run.
+Environment:
+  SPEECHGPT_MODEL       a bundle directory or preset (`speechgpt-7b`); default: the scripted test
+                        model, built once and cached (labelled on the page: it is not a trained model)
+  SPEECHGPT_QUANT       none, nf4, int8 or auto (default: auto, NF4 on CUDA)
+  GRADIO_SERVER_NAME    address to listen on (default 127.0.0.1)
+  GRADIO_SERVER_PORT    port (default 7860)
 """
 
-from __future__ import annotations
+# isort: off
+from speechgpt_app import spaces_compat  # first: on ZeroGPU `spaces` must load before CUDA is touched
 
+# isort: on
+import hashlib
+import json
+import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import gradio as gr
 
+from speechgpt_app import __version__
 from speechgpt_app.logs import setup_logging
+from speechgpt_app.pipeline import MODEL_ENV, Pipeline
+from speechgpt_app.scripted import LABEL, make_scripted_bundle
+from speechgpt_app.ui import CSS, build_ui
 
-MODEL = os.environ.get("SPEECHGPT_MODEL", "none yet (the pipeline is being built)")
+log = logging.getLogger("speechgpt_app.app")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+CONCURRENCY_LIMIT = 1  # turns run one at a time: one model, one device
+QUEUE_SIZE = 16  # turns waiting beyond this are refused, and the user is told the queue is full
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+# The default model's fixed answer. It says what it is, so nobody mistakes it for a trained model.
+DEFAULT_SCRIPT = {
+    "heard": "what are you",
+    "answer": "I am the scripted test model, not a trained model; every answer is fixed in advance.",
+    "units": [(7 * i + 3) % 50 for i in range(120)],
+}
 
 
-def build() -> gr.Blocks:
-    """The page: for now, only the model line."""
-    with gr.Blocks(title="SpeechGPT") as demo:
-        gr.Markdown(f"# SpeechGPT\n\nModel: **{MODEL}**")
-    return demo
+def cache_root() -> Path:
+    """Where the default model is built: `$HF_HOME/speechgpt`, or a temporary directory if that is read-only."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    root = hf_home / "speechgpt"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root)
+        probe.close()
+    except OSError:
+        root = Path(tempfile.gettempdir()) / "speechgpt"
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_model() -> Path:
+    """The scripted test bundle, built on first use and reused after (keyed by version and script)."""
+    key = hashlib.sha256(json.dumps([__version__, DEFAULT_SCRIPT], sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / f"scripted-default-{key}"
+    if not out.is_dir():
+        log.info("building the scripted test model in %s (once)", out)
+        # Build beside the target and rename, so an interrupted build never looks finished.
+        work = Path(tempfile.mkdtemp(prefix=".building-", dir=out.parent))
+        try:
+            make_scripted_bundle(work / "bundle", **DEFAULT_SCRIPT)
+            os.replace(work / "bundle", out)
+        except OSError:
+            if not out.is_dir():  # another process finished first
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None, str | None]:
+    """The pipeline for `model` (default: `$SPEECHGPT_MODEL`, else the scripted test model), or why not."""
+    model = model or os.environ.get(MODEL_ENV, "").strip() or str(default_model())
+    try:
+        return Pipeline.load(model, quant=quant), None
+    except Exception as exc:  # the page still opens and tells every user why it cannot answer
+        log.exception("could not load model %s", model)
+        return None, f"{model}: {exc}"
+
+
+def create_app(model: str | None = None, quant: str | None = None) -> gr.Blocks:
+    """The whole app: pipeline, page and queue, ready to launch."""
+    pipeline, unavailable = load_pipeline(model, quant)
+    label = LABEL if pipeline is not None and pipeline.script is not None else None
+    demo = build_ui(
+        pipeline,
+        label=label,
+        unavailable=unavailable,
+        examples=sorted(EXAMPLES_DIR.glob("*.wav")),
+        gpu=spaces_compat.gpu(),
+    )
+    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+
+
+def launch(demo: gr.Blocks, **overrides) -> None:
+    """Serve the app where the environment says (overrides win: tests pick a free port)."""
+    options = {
+        "server_name": os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
+        "server_port": int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        **overrides,
+    }
+    demo.launch(**options)
 
 
 if __name__ == "__main__":
     setup_logging()
-    build().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    launch(create_app())

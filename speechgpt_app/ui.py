@@ -1,0 +1,598 @@
+"""The browser voice chat: Gradio components wired to `Pipeline.respond` events, nothing else.
+
+One spoken turn fills three live panels in the order the model writes them (Heard, Answer,
+Speech units) while the answer speech streams into an autoplaying player. Finished turns go to
+the conversation, which is sent back to the model as multi-turn context. Every browser session
+keeps its own conversation in a `gr.State`; nothing here parses model output or runs a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import soundfile as sf
+import torch
+
+from speechgpt_app import __version__
+from speechgpt_app.bundle import BundleError
+from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
+from speechgpt_app.loaders import MissingWeightsError, ModelNameError
+from speechgpt_app.model import ModelLoadError
+from speechgpt_app.pipeline import Options, Pipeline, Timings
+from speechgpt_app.prompt import Turn
+from speechgpt_app.units import units_to_text
+
+log = logging.getLogger(__name__)
+
+# Choices shown to the user -> the pipeline's option values.
+TASKS: dict[str, str] = {"Chat": "chat", "Transcribe only": "transcribe", "Speak this text": "speak"}
+OUTPUT_MODES: dict[str, str] = {"Speech + text": "speech+text", "Text only": "text"}
+
+# Streaming audio goes out as int16 at ONE fixed scale: Gradio peak-normalises float arrays per
+# chunk, which would make every chunk as loud as the loudest and click at the seams.
+INT16_SCALE = 32767
+
+# The settings panel starts from the bundle's defaults; the seed starts fixed so that a turn can be
+# repeated exactly (an empty seed box means a fresh random seed, recorded in the export).
+DEFAULT_SEED = 0
+
+# The libraries whose versions go into an exported conversation.
+EXPORT_LIBRARIES = ("torch", "transformers", "peft", "gradio", "numpy")
+
+CSS = """
+#heard textarea, #answer textarea { font-size: 1.05rem; }
+#timings { font-family: ui-monospace, monospace; font-size: 0.9rem; }
+#model-line { opacity: 0.85; }
+"""
+
+
+@dataclass
+class TurnRecord:
+    """One finished exchange, as the conversation view and the JSON export show it."""
+
+    task: str
+    user_text: str | None  # what the user typed (None for a spoken question)
+    user_audio: str | None  # path of the user's recording or upload
+    heard: str
+    answer: str
+    units: list[int]
+    answer_audio: str | None  # path of the whole answer's WAV
+    reason: str
+    problems: list[str]
+    notices: list[str]
+    timings: dict[str, float | None]
+    settings: dict[str, Any]
+    context: list[dict[str, str]]  # the earlier turns sent to the model as history
+    turn: Turn | None  # what goes back to the model as history next time
+
+
+@dataclass
+class Session:
+    """Everything one browser session owns: its conversation, in order."""
+
+    records: list[TurnRecord] = field(default_factory=list)
+
+    def history(self) -> tuple[Turn, ...]:
+        """The finished turns to send back to the model as context."""
+        return tuple(r.turn for r in self.records if r.turn is not None)
+
+
+@dataclass
+class LiveTurn:
+    """The live panels of the turn being generated, updated event by event."""
+
+    heard: str = ""
+    answer: str = ""
+    units: list[int] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    sample_rate: int | None = None
+    notices: list[str] = field(default_factory=list)
+    end: End | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    def apply(self, event: Event) -> np.ndarray | None:
+        """Fold one event into the panels; return the int16 audio chunk to stream, if any."""
+        self.timings.observe(event)
+        if isinstance(event, Heard):
+            self.heard += event.text
+        elif isinstance(event, Answer):
+            self.answer += event.text
+        elif isinstance(event, Units):
+            self.units.extend(event.ids)
+        elif isinstance(event, Audio):
+            self.sample_rate = event.sample_rate
+            chunk = to_int16(event.pcm)
+            self.chunks.append(chunk)
+            return chunk
+        elif isinstance(event, Notice):
+            self.notices.append(event.message)
+        elif isinstance(event, End):
+            self.end = event
+        return None
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """Float [-1, 1] -> int16 at the one fixed scale (clipped, never normalised per chunk)."""
+    return np.clip(np.round(pcm.astype(np.float64) * INT16_SCALE), -INT16_SCALE - 1, INT16_SCALE).astype(
+        np.int16
+    )
+
+
+def timings_line(timings: Timings) -> str:
+    """The one-line timing summary under the live panels."""
+
+    def secs(ms: float | None) -> str:
+        return "–" if ms is None else f"{ms / 1000:.2f} s"
+
+    def num(x: float | None, fmt: str) -> str:
+        return "–" if x is None else format(x, fmt)
+
+    return (
+        f"time to transcript {secs(timings.time_to_transcript_ms)} · "
+        f"time to first audio {secs(timings.time_to_first_audio_ms)} · "
+        f"{num(timings.tokens_per_second, '.1f')} tokens/s · "
+        f"real-time factor {num(timings.real_time_factor, '.2f')}"
+    )
+
+
+def units_summary(units: Sequence[int]) -> str:
+    """The count line above the collapsible unit string."""
+    return f"**{len(units)}** speech units" if units else "no speech units yet"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of this package and the libraries that shape its output."""
+    versions = {"speechgpt_app": __version__}
+    for name in EXPORT_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def friendly_error(exc: BaseException) -> gr.Error:
+    """Turn any failure of a turn into a plain message for the page."""
+    if isinstance(exc, (MissingWeightsError, ModelNameError, ModelLoadError, BundleError)):
+        return gr.Error(f"The model is not available: {exc}", title="Model not available")
+    if isinstance(exc, ValueError):  # bad input: audio.AudioError, prompt.PromptError, option values
+        return gr.Error(str(exc), title="Can't answer this")
+    if isinstance(exc, torch.OutOfMemoryError):
+        return gr.Error(
+            "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation.",
+            title="Out of memory",
+        )
+    log.exception("turn failed")
+    return gr.Error(f"Something went wrong: {exc}", title="Error")
+
+
+class ChatApp:
+    """The handlers behind the page, bound to one loaded pipeline (or to the reason it failed)."""
+
+    def __init__(self, pipeline: Pipeline | None, unavailable: str | None, files_dir: Path) -> None:
+        self.pipeline = pipeline
+        self.unavailable = unavailable
+        self.files_dir = files_dir
+        # Stop must reach a turn running in another request, so cancel flags live here, per session.
+        self._cancels: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def options(
+        self,
+        task: str,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        max_new_tokens: float,
+        seed: float | None,
+        output_mode: str,
+        assistant_prefix: str | None = None,
+    ) -> Options:
+        """The settings panel as pipeline options (Options checks the values).
+
+        An empty seed gets a fresh random one here, so that the export can say which seed ran.
+        """
+        if task not in TASKS:
+            raise gr.Error(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        if output_mode not in OUTPUT_MODES:
+            raise gr.Error(f"Unknown output mode {output_mode!r}; choose one of {', '.join(OUTPUT_MODES)}.")
+        try:
+            return Options(
+                task=TASKS[task],  # type: ignore[arg-type]  # a key of TASKS, checked above
+                output=OUTPUT_MODES[output_mode],  # type: ignore[arg-type]
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                max_new_tokens=int(max_new_tokens),
+                seed=secrets.randbelow(2**31) if seed is None else int(seed),
+                assistant_prefix=assistant_prefix,
+            )
+        except ValueError as exc:
+            raise gr.Error(f"Check the settings: {exc}", title="Settings") from exc
+
+    def _cancel_flag(self, session_id: str) -> threading.Event:
+        with self._lock:
+            flag = threading.Event()
+            self._cancels[session_id] = flag
+            return flag
+
+    def _release_flag(self, session_id: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._cancels.get(session_id) is flag:
+                del self._cancels[session_id]
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop button: ask this session's running turn to end (it keeps what it has so far)."""
+        with self._lock:
+            flag = self._cancels.get(request.session_hash or "")
+        if flag is not None:
+            flag.set()
+
+    # ---- one turn ----------------------------------------------------------------------------
+
+    def run_turn(
+        self,
+        request: gr.Request | None,
+        *,
+        audio: str | None,
+        text: str | None,
+        history: tuple[Turn, ...],
+        options: Options,
+    ) -> Iterator[tuple[LiveTurn, np.ndarray | None]]:
+        """Drive `respond` and yield the live panels after each event, with any new audio chunk."""
+        if self.pipeline is None:
+            raise gr.Error(f"The model is not available: {self.unavailable}", title="Model not available")
+        session_id = (request.session_hash if request else None) or ""
+        cancel = self._cancel_flag(session_id)
+        live = LiveTurn()
+        try:
+            for event in self.pipeline.respond(
+                audio=audio, text=text, history=history, options=options, cancel=cancel
+            ):
+                chunk = live.apply(event)
+                if isinstance(event, Notice):
+                    gr.Warning(event.message)
+                yield live, chunk
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise friendly_error(exc) from exc
+        finally:
+            # A closed page stops its turn too: otherwise the model would keep the GPU busy.
+            cancel.set()
+            self._release_flag(session_id, cancel)
+        if live.end is not None and live.end.problems:
+            gr.Warning("The model's output had problems: " + "; ".join(live.end.problems))
+
+    def record(
+        self,
+        live: LiveTurn,
+        *,
+        audio: str | None,
+        text: str | None,
+        history: tuple[Turn, ...],
+        options: Options,
+    ) -> TurnRecord:
+        """Keep a finished turn: write its answer audio and describe it for the history and export."""
+        answer_audio = None
+        if live.chunks and live.sample_rate:
+            answer_audio = str(self._new_file("answer", ".wav"))
+            sf.write(answer_audio, np.concatenate(live.chunks), live.sample_rate, subtype="PCM_16")
+        end = live.end
+        return TurnRecord(
+            task=options.task,
+            user_text=text,
+            user_audio=audio,
+            heard=live.heard.strip(),
+            answer=live.answer.strip(),
+            units=list(live.units),
+            answer_audio=answer_audio,
+            reason=end.reason if end else "error",
+            problems=list(end.problems) if end else ["the turn ended without an End event"],
+            notices=list(live.notices),
+            timings=live.timings.as_dict(),
+            settings=dataclasses.asdict(options),
+            context=[dataclasses.asdict(t) for t in history],
+            turn=end.turn if end else None,
+        )
+
+    def _new_file(self, stem: str, suffix: str) -> Path:
+        """A fresh file under this app's directory (Gradio serves files from there)."""
+        with tempfile.NamedTemporaryFile(prefix=f"{stem}-", suffix=suffix, dir=self.files_dir, delete=False) as f:
+            return Path(f.name)
+
+    # ---- export ------------------------------------------------------------------------------
+
+    def export(self, session: Session, description: str) -> str:
+        """Write the conversation as JSON and return its path for download."""
+        if not session.records:
+            raise gr.Error("There is nothing to export yet: the conversation is empty.")
+        doc = {
+            "format": "speechgpt-conversation/1",
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": description,
+            "versions": library_versions(),
+            "turns": [export_record(r) for r in session.records],
+        }
+        path = self._new_file("conversation", ".json")
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
+        return str(path)
+
+
+def export_record(r: TurnRecord) -> dict[str, Any]:
+    """One turn of the exported JSON (audio by file name: the files are downloaded separately)."""
+    return {
+        "task": r.task,
+        "question_text": r.user_text,
+        "question_audio": Path(r.user_audio).name if r.user_audio else None,
+        "heard": r.heard,
+        "answer": r.answer,
+        "units": r.units,
+        "answer_audio": Path(r.answer_audio).name if r.answer_audio else None,
+        "end_reason": r.reason,
+        "problems": r.problems,
+        "notices": r.notices,
+        "timings": r.timings,
+        "settings": r.settings,
+        "seed": r.settings.get("seed"),
+        "context": r.context,
+    }
+
+
+def chat_messages(records: Sequence[TurnRecord]) -> list[dict[str, Any]]:
+    """The conversation view: the user's audio and text, then the assistant's audio and text."""
+    messages: list[dict[str, Any]] = []
+    for r in records:
+        user: list[Any] = []
+        if r.user_audio:
+            user.append(gr.Audio(r.user_audio, buttons=["download"]))
+        user.append(r.heard or r.user_text or "")
+        messages.append({"role": "user", "content": user})
+        assistant: list[Any] = []
+        if r.answer_audio:
+            assistant.append(gr.Audio(r.answer_audio, buttons=["download"]))
+        reply = r.answer or ("(transcribed)" if r.task == "transcribe" else "")
+        if r.reason == "cancelled":
+            reply += " (stopped)"
+        assistant.append(reply.strip() or "(no text answer)")
+        messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+def _panels(live: LiveTurn, chunk: np.ndarray | None) -> tuple[Any, ...]:
+    """The live panels' values: Heard, Answer, unit count, unit string, audio chunk, timings."""
+    speech: Any = (live.sample_rate, chunk) if chunk is not None else gr.skip()
+    return (
+        live.heard.strip(),
+        live.answer.strip(),
+        units_summary(live.units),
+        units_to_text(live.units) if live.units else "",
+        speech,
+        timings_line(live.timings),
+    )
+
+
+def build_ui(
+    pipeline: Pipeline | None,
+    *,
+    label: str | None = None,
+    unavailable: str | None = None,
+    examples: Sequence[Path] = (),
+    gpu: Callable[[Callable], Callable] | None = None,
+) -> gr.Blocks:
+    """The voice chat page for `pipeline`.
+
+    `label` is a plain line shown under the model line (e.g. that it runs a scripted test model);
+    `unavailable` explains why there is no pipeline (every turn then says so); `examples` are
+    bundled recordings offered as cached examples; `gpu` wraps the handlers that run the model
+    (the `spaces.GPU` decorator on ZeroGPU, nothing elsewhere).
+    """
+    on_gpu = gpu or (lambda fn: fn)
+    app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
+    description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
+    defaults = pipeline.default_options if pipeline is not None else Options()
+    max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
+
+    def run_and_record(
+        request: gr.Request | None,
+        *,
+        audio: str | None,
+        text: str | None,
+        history: tuple[Turn, ...],
+        options: Options,
+        keep: list[TurnRecord],
+    ) -> Iterator[tuple[Any, ...]]:
+        # Clear the panels first so a new turn never shows the last one's text.
+        yield ("", "", units_summary([]), "", None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        live = LiveTurn()
+        for live, chunk in app.run_turn(request, audio=audio, text=text, history=history, options=options):
+            yield (*_panels(live, chunk), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        rec = app.record(live, audio=audio, text=text, history=history, options=options)
+        new = Session(records=[*keep, rec])
+        # The question is now in the conversation: empty the inputs for the next one.
+        yield (*_panels(live, None), chat_messages(new.records), new, None, "")
+
+    @on_gpu
+    def send(
+        audio: str | None,
+        text: str | None,
+        task: str,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        max_new_tokens: float,
+        seed: float | None,
+        output_mode: str,
+        session: Session,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        text = text if text and text.strip() else None
+        if audio is None and text is None:
+            raise gr.Error("Record or upload a question, or type one, then press Send.", title="No question")
+        if audio is not None and text is not None:
+            raise gr.Error("Give either a recording or typed text, not both: clear one of them.")
+        options = app.options(task, temperature, top_p, top_k, max_new_tokens, seed, output_mode)
+        yield from run_and_record(
+            request, audio=audio, text=text,
+            history=session.history(), options=options, keep=session.records,
+        )  # fmt: skip
+
+    def send_if_auto(
+        auto: bool,
+        audio: str | None,
+        text: str | None,
+        task: str,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        max_new_tokens: float,
+        seed: float | None,
+        output_mode: str,
+        session: Session,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        # End of speech is the user stopping the recording; sending then is optional.
+        if not auto or audio is None:
+            yield tuple(gr.skip() for _ in range(10))
+            return
+        yield from send(
+            audio, text, task, temperature, top_p, top_k, max_new_tokens, seed, output_mode, session, request
+        )
+
+    @on_gpu
+    def regenerate(
+        corrected: str,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        max_new_tokens: float,
+        seed: float | None,
+        output_mode: str,
+        session: Session,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        if not session.records:
+            raise gr.Error("There is no answer to regenerate yet: send a question first.")
+        last = session.records[-1]
+        if last.task != "chat":
+            raise gr.Error("Only a chat answer can be regenerated from a corrected transcript.")
+        corrected = (corrected or "").strip()
+        if not corrected:
+            raise gr.Error("The transcript is empty: type what you said, then regenerate.")
+        keep = session.records[:-1]
+        history = Session(records=keep).history()
+        # The corrected transcript is forced as the start of the answer; the question's units stay.
+        options = app.options(
+            "Chat", temperature, top_p, top_k, max_new_tokens, seed, output_mode,
+            assistant_prefix=corrected + "; [ta] ",
+        )  # fmt: skip
+        yield from run_and_record(
+            request, audio=last.user_audio, text=last.user_text,
+            history=history, options=options, keep=keep,
+        )  # fmt: skip
+
+    @on_gpu
+    def example_turn(audio: str) -> Iterator[tuple[Any, ...]]:
+        live = LiveTurn()
+        for live, chunk in app.run_turn(None, audio=audio, text=None, history=(), options=defaults):
+            yield _panels(live, chunk)
+
+    def clear(request: gr.Request) -> tuple[Any, ...]:
+        app.stop(request)
+        return ("", "", units_summary([]), "", None, "", [], Session(), None, "", None)
+
+    def export(session: Session) -> str:
+        return app.export(session, description)
+
+    with gr.Blocks(title="SpeechGPT voice chat") as demo:
+        session = gr.State(Session())
+        gr.Markdown("# SpeechGPT voice chat\nAsk by voice or text; it answers in text and speech.")
+        model_md = f"**Model:** {description}"
+        if label:
+            model_md += f"  \n⚠️ **{label}**"
+        gr.Markdown(model_md, elem_id="model-line")
+
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                audio_in = gr.Audio(
+                    sources=["microphone", "upload"], type="filepath", label="Your question (speak or upload)",
+                    elem_id="audio-in",
+                )  # fmt: skip
+                text_in = gr.Textbox(label="…or type it", lines=2, elem_id="text-in")
+                task = gr.Radio(list(TASKS), value="Chat", label="Task", elem_id="task")
+                with gr.Row():
+                    send_btn = gr.Button("Send", variant="primary", elem_id="send")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear_btn = gr.Button("Clear", elem_id="clear")
+                auto_send = gr.Checkbox(True, label="Send when I stop recording", elem_id="auto-send")
+            with gr.Column(scale=3, min_width=360):
+                heard = gr.Textbox(
+                    label="Heard (edit it, then regenerate, if the model misheard)", lines=2,
+                    interactive=True, elem_id="heard",
+                )  # fmt: skip
+                regen_btn = gr.Button("Regenerate answer from this transcript", size="sm", elem_id="regen")
+                answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
+                units_count = gr.Markdown(units_summary([]), elem_id="units-count")
+                with gr.Accordion("Speech units (the answer as the model wrote it)", open=False):
+                    units_text = gr.Textbox(
+                        show_label=False, lines=3, max_lines=8, interactive=False, elem_id="units-text"
+                    )
+                speech = gr.Audio(
+                    label="Answer speech", streaming=True, autoplay=True, interactive=False,
+                    buttons=["download"], elem_id="speech",
+                )  # fmt: skip
+                timings = gr.Markdown("", elem_id="timings")
+
+        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="conversation")
+        with gr.Row():
+            export_btn = gr.Button("Export conversation (JSON)", size="sm", elem_id="export")
+            export_file = gr.File(label="Conversation JSON", interactive=False, elem_id="export-file")
+
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top-k (0: off)")
+            with gr.Row():
+                max_new = gr.Slider(
+                    16, max_tokens, min(defaults.max_new_tokens, max_tokens), step=1, label="Max new tokens"
+                )
+                seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed (empty: random)")
+                output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
+            gr.Textbox(description, label="Model, precision, device", interactive=False, elem_id="model-info")
+
+        panels = [heard, answer, units_count, units_text, speech, timings]
+        turn_outputs = [*panels, chatbot, session, audio_in, text_in]
+        settings = [temperature, top_p, top_k, max_new, seed, output_mode]
+
+        if examples:
+            gr.Examples(
+                examples=[[str(p)] for p in examples], inputs=[audio_in], outputs=panels, fn=example_turn,
+                cache_examples=True, cache_mode="lazy", label="Example recordings (answers cached)",
+            )  # fmt: skip
+
+        send_inputs = [audio_in, text_in, task, *settings, session]
+        send_btn.click(send, send_inputs, turn_outputs, api_name="send")
+        text_in.submit(send, send_inputs, turn_outputs, api_visibility="private")
+        audio_in.stop_recording(send_if_auto, [auto_send, *send_inputs], turn_outputs, api_visibility="private")
+        regen_btn.click(regenerate, [heard, *settings, session], turn_outputs, api_name="regenerate")
+        # Stop and Clear skip the queue: they must act while a turn holds the only worker.
+        stop_btn.click(app.stop, None, None, queue=False, api_name="stop")
+        clear_btn.click(clear, None, [*turn_outputs, export_file], queue=False, api_name="clear")
+        export_btn.click(export, [session], [export_file], api_name="export")
+    return demo
