@@ -82,6 +82,8 @@ class End:
     problems: tuple[str, ...] = ()
     turn: Turn | None = None
     t_ms: float = field(default=0.0, compare=False)
+    # Generation counts and times (generate.GenerationStats as a dict: tokens_per_s, ...); not compared.
+    stats: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
 
 Event = Union[Heard, Answer, Units, Audio, Notice, End]

@@ -1,0 +1,436 @@
+"""One spoken turn, streamed: `Pipeline.respond` joins every stage and yields typed events.
+
+```
+audio -> load_audio -> SpeechTokenizer.encode -> user_message -> build_prompt -> stream_tokens
+      -> ChainParser (Heard / Answer / Units) -> VocoderStream (Audio) -> End(reason, problems, turn)
+```
+
+Every event carries `t_ms`, the milliseconds since `respond` was called with the whole input. Input
+problems (unreadable audio, an empty text, a prompt that cannot fit) raise from `respond` itself,
+before any event; problems with the model's output end the stream with `End(reason, problems)`; an
+exception during generation ends it with `End("error", (message,))` and is logged.
+
+A Pipeline runs one generation at a time (a lock held while a turn's events are being produced);
+concurrent callers wait their turn. Close or exhaust the iterator to release it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from speechgpt_app.audio import load_audio
+from speechgpt_app.bundle import BundleInfo, locate, read_bundle
+from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
+from speechgpt_app.generate import (
+    DO_SAMPLE,
+    EOA,
+    MAX_NEW_TOKENS,
+    MIN_NEW_TOKENS,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    GenerationStats,
+    SamplingOptions,
+    stream_tokens,
+)
+from speechgpt_app.parser import ChainParser
+from speechgpt_app.prompt import (
+    OUTPUT_MODES,
+    SOSP,
+    TASKS,
+    UNITS_SEPARATOR,
+    UNITS_TAG,
+    OutputMode,
+    PromptError,
+    Task,
+    Turn,
+    build_prompt,
+    user_message,
+)
+from speechgpt_app.units import units_to_text
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "SPEECHGPT_MODEL"  # default model for entry points: a bundle directory or a preset name
+CHUNK_UNITS = 10  # units per vocoder push (~0.2-0.6 s of speech): first audio early, few small calls
+SPEECH_CONTINUATION = UNITS_SEPARATOR + SOSP  # forced when a speech answer stops after its text
+TEXT_MODE_STOPS = (EOA, UNITS_TAG, SOSP)  # a text-only answer ends where the speech part would begin
+
+
+def model_from_env() -> str:
+    """The model named by `$SPEECHGPT_MODEL`; a clear error when it is unset."""
+    from speechgpt_app.loaders import ModelNameError
+
+    name = os.environ.get(MODEL_ENV, "").strip()
+    if not name:
+        raise ModelNameError(f"no model given: pass a bundle directory or preset name, or set {MODEL_ENV}")
+    return name
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to answer one turn. Sampling defaults are the released inference settings.
+
+    `task`: chat (answer the question), transcribe (write what was said), speak (say the text).
+    `output`: "speech+text" (a chat answer is forced to go on to speech if the model stops after its
+    text) or "text" (generation stops where the speech part would begin; no audio).
+    `assistant_prefix`: forced start of the answer (e.g. a corrected transcript + "; [ta] "); it is
+    streamed and parsed like generated text.
+    """
+
+    do_sample: bool = DO_SAMPLE
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    top_k: int = TOP_K
+    max_new_tokens: int = MAX_NEW_TOKENS
+    min_new_tokens: int = MIN_NEW_TOKENS
+    seed: int | None = None
+    chunk_units: int = CHUNK_UNITS
+    task: Task = "chat"
+    output: OutputMode = "speech+text"
+    assistant_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sampling()  # raises ValueError for bad sampling values
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.output not in OUTPUT_MODES:
+            raise ValueError(f"unknown output mode {self.output!r}; expected one of {', '.join(OUTPUT_MODES)}")
+        if self.task == "speak" and self.output == "text":
+            raise ValueError("the speak task answers in speech; use output 'speech+text'")
+        if self.chunk_units < 1:
+            raise ValueError(f"chunk_units must be at least 1, got {self.chunk_units}")
+        if self.assistant_prefix is not None and not self.assistant_prefix.strip():
+            raise ValueError("assistant_prefix is empty; give None for no prefix")
+
+    def sampling(self) -> SamplingOptions:
+        """The sampling part, as generate.py takes it."""
+        return SamplingOptions(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class Timings:
+    """The timing figures every consumer reports, folded from a turn's events (`observe` each one).
+
+    time to transcript: `t_ms` of the first Heard; time to first audio: of the first Audio;
+    tokens/s: sampled tokens per second of decoding (from `End.stats`); real-time factor: wall time
+    to the last Audio event / seconds of audio produced (below 1 is faster than real time).
+    """
+
+    time_to_transcript_ms: float | None = None
+    time_to_answer_ms: float | None = None
+    time_to_first_audio_ms: float | None = None
+    last_audio_ms: float | None = None
+    audio_seconds: float = 0.0
+    total_ms: float | None = None
+    tokens_per_second: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, event: Event) -> None:
+        """Account for one event."""
+        if isinstance(event, Heard) and self.time_to_transcript_ms is None:
+            self.time_to_transcript_ms = event.t_ms
+        elif isinstance(event, Answer) and self.time_to_answer_ms is None:
+            self.time_to_answer_ms = event.t_ms
+        elif isinstance(event, Audio) and len(event.pcm):
+            if self.time_to_first_audio_ms is None:
+                self.time_to_first_audio_ms = event.t_ms
+            self.last_audio_ms = event.t_ms
+            self.audio_seconds += len(event.pcm) / event.sample_rate
+        elif isinstance(event, End):
+            self.total_ms = event.t_ms
+            self.stats = dict(event.stats)
+            self.tokens_per_second = event.stats.get("tokens_per_s")
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Wall time to the last audio / duration of the audio; None without audio."""
+        if self.last_audio_ms is None or self.audio_seconds <= 0:
+            return None
+        return self.last_audio_ms / 1000 / self.audio_seconds
+
+    def as_dict(self) -> dict[str, float | None]:
+        """Every figure, JSON-ready."""
+        return {
+            "time_to_transcript_ms": self.time_to_transcript_ms,
+            "time_to_answer_ms": self.time_to_answer_ms,
+            "time_to_first_audio_ms": self.time_to_first_audio_ms,
+            "last_audio_ms": self.last_audio_ms,
+            "audio_seconds": self.audio_seconds,
+            "total_ms": self.total_ms,
+            "tokens_per_second": self.tokens_per_second,
+            "real_time_factor": self.real_time_factor,
+        }
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked turn, ready to generate: the user message and the whole prompt as the model reads it."""
+
+    user: str
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    notices: tuple[Notice, ...]
+    options: Options
+
+
+class Pipeline:
+    """A loaded bundle (speech tokenizer, language model, vocoder) that answers turns."""
+
+    def __init__(self, bundle_dir: Path, info: BundleInfo, speech, lm, vocoder, script=None) -> None:
+        self.bundle_dir = bundle_dir
+        self.info = info
+        self.speech = speech
+        self.lm = lm
+        self.vocoder = vocoder
+        self.script = script  # scripted.Script for the scripted test model, else None
+        self.default_options = replace(Options(), **info.generation)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        quant: str | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        merge_adapter: bool = True,
+    ) -> Pipeline:
+        """Load a bundle directory or preset (default `$SPEECHGPT_MODEL`).
+
+        `quant` defaults to `$SPEECHGPT_QUANT` or "auto" (NF4 on CUDA, none on CPU); `precision` to
+        "auto" (bf16); `device` to CUDA when available. Raises loaders.ModelNameError,
+        loaders.MissingWeightsError, bundle.BundleError or model.ModelLoadError with plain messages.
+        """
+        from speechgpt_app.loaders import resolve_model
+        from speechgpt_app.model import LMSpec, load_lm, quant_from_env
+        from speechgpt_app.scripted import Script
+        from speechgpt_app.units import SpeechTokenizer
+        from speechgpt_app.vocoder import Vocoder
+
+        bundle_dir = resolve_model(model if model is not None else model_from_env())
+        info = read_bundle(bundle_dir)
+        speech_dir = bundle_dir / info.speech
+        speech = SpeechTokenizer.from_dir(speech_dir)
+        lm_location = locate(bundle_dir, info.lm)
+        spec = LMSpec(
+            path=lm_location,
+            adapter=locate(bundle_dir, info.adapter) if info.adapter is not None else None,
+            precision=precision or "auto",
+            quant=quant or quant_from_env(),
+            merge_adapter=merge_adapter,
+            device=device,
+            n_units=speech.n_units,  # load_lm checks the vocabulary against it (vocab.check_vocabulary)
+        )
+        lm = load_lm(spec)
+        vocoder = Vocoder.from_dir(speech_dir / "vocoder", device=lm.device)
+        if vocoder.n_units != speech.n_units:
+            from speechgpt_app.bundle import BundleError
+
+            raise BundleError(
+                f"bundle {bundle_dir}: the vocoder reads {vocoder.n_units} units but the speech tokenizer "
+                f"writes {speech.n_units}"
+            )
+        script = Script.from_dir(lm_location) if isinstance(info.lm, str) else None
+        return cls(bundle_dir, info, speech, lm, vocoder, script)
+
+    # --- what it is -------------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        """One line: model name, numerics, device (and the scripted-model label when it is one)."""
+        text = f"{self.info.name}: {self.lm.description}"
+        return f"{text} — {self.info.description}" if self.script is not None else text
+
+    @property
+    def n_units(self) -> int:
+        """Size of the speech unit vocabulary."""
+        return self.speech.n_units
+
+    @property
+    def sample_rate(self) -> int:
+        """Sample rate of the answer audio (Hz)."""
+        return self.vocoder.sample_rate
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of prompt + answer the language model can hold."""
+        return self.info.context_length
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a prompt text as the model reads it (BOS included)."""
+        return len(self.lm.tokenizer.encode(text))
+
+    # --- one turn ---------------------------------------------------------------------------------
+
+    def respond(
+        self,
+        audio=None,
+        text: str | None = None,
+        history: Sequence[Turn] = (),
+        options: Options | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Event]:
+        """Answer one turn; returns an iterator of events ending with exactly one `End`.
+
+        `audio`: anything audio.load_audio reads (path, bytes, array, Gradio's (rate, array)).
+        `text`: a typed question (chat) or the text to speak (speak). `history`: earlier turns
+        (each End.turn), oldest first. `options`: None = the bundle's defaults. `cancel`: set it to
+        end the turn early (End reason "cancelled").
+        Raises audio.AudioError, prompt.PromptError or ValueError for bad input, here, before any event.
+        """
+        started = time.perf_counter()
+        request = self.prepare(audio, text, history, options)
+        return self._run(request, cancel, started)
+
+    def prepare(
+        self, audio=None, text: str | None = None, history: Sequence[Turn] = (), options: Options | None = None
+    ) -> Request:
+        """Read the input and build the prompt (what `respond` does first); every input error is raised here.
+
+        History that does not fit the context (less the room kept for the answer: `max_new_tokens`, at
+        most half the context) is shortened by prompt.build_prompt, which says so in `notices`.
+        """
+        options = options or self.default_options
+        if audio is None and text is None:
+            raise PromptError("give a spoken question (audio) or a text")
+        if audio is not None and text is not None:
+            raise PromptError("give either audio or text, not both")
+        units = None
+        if audio is not None:
+            units = units_to_text(self.speech.encode(load_audio(audio)))
+        user = user_message(options.task, options.output, units=units, text=text, style=self.info.prompt_style)
+        reserve = min(options.max_new_tokens, self.context_length // 2)
+        plan = build_prompt(user, history, self.count_tokens, self.context_length - reserve)
+        prompt_ids = tuple(self.lm.tokenizer.encode(plan.text))
+        return Request(user, plan.text, prompt_ids, plan.notices, options)
+
+    def _run(self, request: Request, cancel: threading.Event | None, started: float) -> Iterator[Event]:
+        def stamp(event: Event) -> Event:
+            return replace(event, t_ms=(time.perf_counter() - started) * 1000)
+
+        with self._lock:
+            for notice in request.notices:
+                yield stamp(notice)
+            turn = _TurnState(request, self)
+            try:
+                for event in turn.events(cancel):
+                    yield stamp(event)
+            except Exception as e:  # the model, the vocoder, a device: end the turn, keep the app alive
+                log.exception("generation failed")
+                yield stamp(End("error", (f"generation failed: {type(e).__name__}: {e}",), stats=turn.stats_dict()))
+
+
+class _TurnState:
+    """The streaming part of one turn: tokens -> parser -> vocoder, and the history entry at the end."""
+
+    def __init__(self, request: Request, pipeline: Pipeline) -> None:
+        self.request = request
+        self.options = request.options
+        self.pipeline = pipeline
+        self.parser = ChainParser(pipeline.n_units)
+        self.text = ""  # the answer as streamed (stop strings excluded)
+        self.heard = ""
+        self.stats: GenerationStats | None = None
+        self.speech = self.options.output == "speech+text"
+        self.vocoder = pipeline.vocoder.stream() if self.speech else None
+        self.pending_units: list[int] = []
+        self.forced_speech = False
+
+    def stats_dict(self) -> dict[str, float]:
+        if self.stats is None:
+            return {}
+        return {**asdict(self.stats), "tokens_per_s": self.stats.tokens_per_s}
+
+    def events(self, cancel: threading.Event | None) -> Iterator[Event]:
+        pipeline, options = self.pipeline, self.options
+        tokenizer = pipeline.lm.tokenizer
+        hook = pipeline.script.logits_hook(tokenizer, options.task) if pipeline.script is not None else None
+        steps = stream_tokens(
+            pipeline.lm.model,
+            tokenizer,
+            self.request.prompt_ids,
+            options.sampling(),
+            prefix=options.assistant_prefix or "",
+            stop_strings=(EOA,) if self.speech else TEXT_MODE_STOPS,
+            on_stop=self._on_stop if self.speech and options.task == "chat" else None,
+            logits_hook=hook,
+            cancel=cancel,
+            context_length=pipeline.context_length,
+        )
+        reason = "error"
+        for step in steps:
+            if step.text:
+                self.text += step.text
+                for event in self.parser.feed(step.text):
+                    yield from self._handle(event)
+            if step.finish is not None:
+                reason, self.stats = step.finish, step.stats
+        for event in self.parser.finish(reason):
+            if isinstance(event, End):
+                if reason != "cancelled":  # stop means stop: no more vocoder work
+                    yield from self._flush_audio()
+                yield replace(event, turn=self._turn(reason), stats=self.stats_dict())
+            else:
+                yield from self._handle(event)
+
+    def _on_stop(self, reason: str, text: str) -> str | None:
+        """Speech mode: a chat answer that ends after its text answer goes on to speak it (once)."""
+        if self.forced_speech:
+            return None
+        probe = ChainParser(self.pipeline.n_units)
+        probe.feed(text)
+        if probe.state != "answer":
+            return None
+        self.forced_speech = True
+        return SPEECH_CONTINUATION
+
+    def _handle(self, event: Event) -> Iterator[Event]:
+        yield event
+        if isinstance(event, Heard):
+            self.heard += event.text
+        elif isinstance(event, Units) and self.vocoder is not None:
+            self.pending_units.extend(event.ids)
+            if len(self.pending_units) >= self.options.chunk_units:
+                yield from self._audio(self.vocoder.push(self.pending_units))
+                self.pending_units = []
+
+    def _flush_audio(self) -> Iterator[Event]:
+        if self.vocoder is None:
+            return
+        if self.pending_units:
+            yield from self._audio(self.vocoder.push(self.pending_units))
+            self.pending_units = []
+        yield from self._audio(self.vocoder.flush())
+
+    def _audio(self, pcm: np.ndarray) -> Iterator[Event]:
+        if len(pcm):
+            yield Audio(pcm.astype(np.float32, copy=False), self.pipeline.sample_rate)
+
+    def _turn(self, reason: str) -> Turn | None:
+        """The exchange for the history: only a finished answer (eoa or eos) is kept."""
+        if reason not in ("eoa", "eos") or not self.text.strip():
+            return None
+        answer = self.text.rstrip()
+        if not self.speech:  # cut where the speech part began: drop the "; " separator too
+            answer = answer.removesuffix(";").rstrip()
+        try:
+            return Turn(self.request.user, answer + EOA, self.heard.strip() or None)
+        except PromptError:  # nothing a history could hold
+            return None

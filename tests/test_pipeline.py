@@ -1,0 +1,220 @@
+"""pipeline.py end to end on the scripted test model: real audio in, exact events and audio out."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechgpt_app.audio import AudioError
+from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
+from speechgpt_app.model import ModelLoadError
+from speechgpt_app.parser import coalesce
+from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
+from speechgpt_app.prompt import PromptError, assistant_prefix_for, format_exchange
+from speechgpt_app.scripted import LABEL, make_scripted_bundle
+
+HEARD = "unless a system is established"
+ANSWER = "Yes, a formal review."
+UNITS = (3, 7, 12, 40, 1, 22, 9, 30, 5, 17, 44, 2, 8)
+GREEDY = Options(do_sample=False)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    return make_scripted_bundle(tmp_path_factory.mktemp("scripted") / "b", HEARD, ANSWER, UNITS)
+
+
+@pytest.fixture(scope="session")
+def pipeline(bundle):
+    return Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def text_first_pipeline(tmp_path_factory):
+    """A scripted model that stops after its text answer (the units come only if forced)."""
+    out = tmp_path_factory.mktemp("scripted") / "text-first"
+    return Pipeline.load(make_scripted_bundle(out, HEARD, ANSWER, UNITS, stop_after_text=True), quant="none", device="cpu", precision="fp32")
+
+
+def parsed(events):
+    """The Heard/Answer/Units events, coalesced (what the chain-of-modality answer said)."""
+    return coalesce([e for e in events if isinstance(e, (Heard, Answer, Units))])
+
+
+def audio_of(events) -> np.ndarray:
+    chunks = [e.pcm for e in events if isinstance(e, Audio)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def first(events, kind) -> int:
+    return next(i for i, e in enumerate(events) if isinstance(e, kind))
+
+
+def check_spoken_turn(pipeline, events, tmp_path):
+    assert parsed(events) == [Heard(HEARD), Answer(ANSWER), Units(UNITS)]
+    assert first(events, Heard) < first(events, Answer) < first(events, Units) < first(events, Audio)
+    end = events[-1]
+    assert isinstance(end, End) and end.reason == "eoa" and end.problems == ()
+    assert sum(isinstance(e, End) for e in events) == 1
+    # The answer audio: as long as the vocoder says, the same as decoding the units at once.
+    wav = audio_of(events)
+    assert len(wav) == sum(pipeline.vocoder.durations(UNITS)) * pipeline.vocoder.hop
+    np.testing.assert_allclose(wav, pipeline.vocoder.decode(UNITS), atol=1e-5)
+    assert {e.sample_rate for e in events if isinstance(e, Audio)} == {16_000}
+    out = tmp_path / "answer.wav"
+    sf.write(out, wav, pipeline.sample_rate)
+    assert sf.info(out).frames == len(wav)
+    # Stamps: milliseconds since the input was complete, in order.
+    stamps = [e.t_ms for e in events]
+    assert stamps == sorted(stamps) and stamps[0] >= 0
+
+
+def test_spoken_turn_exact_events_and_audio(pipeline, lj_wav, tmp_path):
+    events = list(pipeline.respond(audio=lj_wav, options=GREEDY))
+    check_spoken_turn(pipeline, events, tmp_path)
+    turn = events[-1].turn
+    question = pipeline.speech.encode(__import__("speechgpt_app.audio").audio.load_audio(lj_wav))
+    assert turn.user == "<sosp>" + "".join(f"<{u}>" for u in question) + "<eosp>"
+    assert turn.heard == HEARD and turn.assistant.endswith("<eoa>") and ANSWER in turn.assistant
+    assert pipeline.n_units == 50 and pipeline.sample_rate == 16_000 and pipeline.context_length == 1024
+    assert LABEL in pipeline.description
+
+
+def test_sampling_settings_do_not_change_a_scripted_answer(pipeline, lj_wav, tmp_path):
+    events = list(pipeline.respond(audio=lj_wav, options=Options(seed=3, temperature=1.3, chunk_units=3)))
+    check_spoken_turn(pipeline, events, tmp_path)
+
+
+@pytest.mark.parametrize(("quant", "merge"), [("nf4", True), ("none", False), ("none", True)])
+def test_quantised_and_adapter_variants(bundle, lj_wav, tmp_path, quant, merge):
+    variant = Pipeline.load(bundle, quant=quant, device="cpu", precision="fp32", merge_adapter=merge)
+    kept_apart = type(variant.lm.model).__name__.startswith("Peft")
+    assert kept_apart == (quant != "none" or not merge)
+    assert ("NF4" in variant.description) == (quant == "nf4")
+    check_spoken_turn(variant, list(variant.respond(audio=lj_wav, options=GREEDY)), tmp_path)
+
+
+def test_text_output_stops_where_the_speech_would_begin(pipeline, jfk_flac):
+    events = list(pipeline.respond(audio=jfk_flac, options=Options(output="text")))
+    assert parsed(events) == [Heard(HEARD), Answer(ANSWER)]
+    assert not any(isinstance(e, Audio) for e in events)
+    end = events[-1]
+    assert end.reason == "eoa" and end.problems == ()
+    assert end.turn.assistant.endswith(ANSWER + "<eoa>") and "[ua]" not in end.turn.assistant
+
+
+def test_speech_mode_forces_units_after_a_text_only_answer(text_first_pipeline, lj_wav, tmp_path):
+    text_only = list(text_first_pipeline.respond(audio=lj_wav, options=Options(output="text")))
+    assert parsed(text_only) == [Heard(HEARD), Answer(ANSWER)]
+    events = list(text_first_pipeline.respond(audio=lj_wav))
+    check_spoken_turn(text_first_pipeline, events, tmp_path)
+    assert "[ua]" in events[-1].turn.assistant
+
+
+def test_assistant_prefix_replaces_the_transcript(pipeline, lj_wav, tmp_path):
+    corrected = "unless the system is reviewed"
+    options = Options(assistant_prefix=assistant_prefix_for("chat", corrected))
+    events = list(pipeline.respond(audio=lj_wav, options=options))
+    assert parsed(events) == [Heard(corrected), Answer(ANSWER), Units(UNITS)]
+    assert events[-1].reason == "eoa" and events[-1].turn.heard == corrected
+
+
+def test_transcribe_task(pipeline, lj_wav):
+    events = list(pipeline.respond(audio=lj_wav, options=Options(task="transcribe")))
+    assert parsed(events) == [Heard(HEARD)]
+    assert not any(isinstance(e, Audio) for e in events) and events[-1].reason == "eoa"
+
+
+def test_speak_task(pipeline, tmp_path):
+    events = list(pipeline.respond(text="Read this sentence please.", options=Options(task="speak")))
+    assert parsed(events) == [Units(UNITS)]
+    assert len(audio_of(events)) == sum(pipeline.vocoder.durations(UNITS)) * pipeline.vocoder.hop
+    assert events[-1].reason == "eoa" and events[-1].turn.user.endswith("This is input: Read this sentence please.")
+
+
+def test_typed_chat_question(pipeline):
+    events = list(pipeline.respond(text="What is a formal review?"))
+    assert parsed(events)[-2:] == [Answer(ANSWER), Units(UNITS)]
+    assert events[-1].turn.heard == HEARD  # the script always "hears" the same words
+
+
+def test_cancel_mid_turn_ends_promptly(pipeline, lj_wav):
+    cancel = threading.Event()
+    events = []
+    for event in pipeline.respond(audio=lj_wav, cancel=cancel):
+        events.append(event)
+        if isinstance(event, Answer):
+            cancel.set()
+            set_at = time.perf_counter()
+    ended = time.perf_counter()
+    assert events[-1].reason == "cancelled" and events[-1].turn is None
+    assert not any(isinstance(e, Units) for e in events)
+    assert ended - set_at < 1.0
+
+
+def test_second_turn_carries_the_first_as_history(pipeline, lj_wav, jfk_flac):
+    first_turn = list(pipeline.respond(audio=lj_wav))[-1].turn
+    request = pipeline.prepare(audio=jfk_flac, history=[first_turn])
+    assert format_exchange(first_turn.user, first_turn.assistant) in request.prompt
+    assert request.prompt.endswith(format_exchange(request.user))
+    events = list(pipeline.respond(audio=jfk_flac, history=[first_turn]))
+    assert events[-1].reason == "eoa" and events[-1].turn.user == request.user
+
+
+def test_long_history_is_trimmed_with_a_notice(pipeline, lj_wav):
+    turn = list(pipeline.respond(audio=lj_wav))[-1].turn
+    events = list(pipeline.respond(audio=lj_wav, history=[turn] * 12, options=Options(max_new_tokens=200)))
+    assert any(isinstance(e, Notice) for e in events[: first(events, Heard)])
+    assert events[-1].reason == "eoa"
+
+
+def test_max_tokens_reason(pipeline, lj_wav):
+    events = list(pipeline.respond(audio=lj_wav, options=Options(max_new_tokens=5, min_new_tokens=0)))
+    end = events[-1]
+    assert end.reason == "max_tokens" and end.turn is None
+    assert any("<eoa>" in p for p in end.problems)
+
+
+def test_bad_input_raises_before_any_event(pipeline, tmp_path):
+    with pytest.raises(AudioError):
+        pipeline.respond(audio=b"this is not audio")
+    with pytest.raises(AudioError):
+        pipeline.respond(audio=(16_000, np.zeros(16_000, np.float32)))  # digital silence
+    with pytest.raises(PromptError):
+        pipeline.respond()
+    with pytest.raises(PromptError):
+        pipeline.respond(text="   ")
+    with pytest.raises(ValueError):
+        Options(temperature=-1)
+    with pytest.raises(ValueError):
+        Options(task="speak", output="text")
+
+
+def test_timings_from_events(pipeline, lj_wav):
+    timings = Timings()
+    events = list(pipeline.respond(audio=lj_wav))
+    for event in events:
+        timings.observe(event)
+    assert 0 <= timings.time_to_transcript_ms <= timings.time_to_answer_ms <= timings.time_to_first_audio_ms
+    assert timings.audio_seconds == pytest.approx(len(audio_of(events)) / 16_000)
+    assert timings.real_time_factor == pytest.approx(timings.last_audio_ms / 1000 / timings.audio_seconds)
+    assert timings.tokens_per_second > 0 and events[-1].stats["sampled_tokens"] > len(UNITS)
+    assert set(timings.as_dict()) >= {"time_to_transcript_ms", "time_to_first_audio_ms", "real_time_factor"}
+
+
+def test_load_from_env_and_vocabulary_mismatch(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv(MODEL_ENV, str(bundle))
+    assert Pipeline.load(quant="none", device="cpu", precision="fp32").bundle_dir == bundle
+    # An LM whose unit tokens are not the speech model's: a clear load error.
+    other = make_scripted_bundle(tmp_path / "other", HEARD, ANSWER, (1, 2), n_units=20)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(bundle, mixed)
+    shutil.rmtree(mixed / "lm")
+    shutil.copytree(other / "lm", mixed / "lm")
+    with pytest.raises(ModelLoadError, match="20"):
+        Pipeline.load(mixed, quant="none", device="cpu", precision="fp32")
