@@ -69,6 +69,8 @@ _TOKEN = re.compile(r"\s*<(sosp|eosp|0|[1-9][0-9]*)>")
 
 def units_to_text(ids: Iterable[int]) -> str:
     """Write unit ids as the model reads them: "<sosp><661><588><eosp>" (no spaces)."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        ids = ids.tolist()
     body = []
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:

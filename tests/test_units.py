@@ -45,6 +45,7 @@ def test_units_to_text_exact() -> None:
     assert units_to_text([661, 588, 604]) == "<sosp><661><588><604><eosp>"
     assert units_to_text([]) == SOSP + EOSP
     assert units_to_text(np.array([0, 999])) == "<sosp><0><999><eosp>"
+    assert units_to_text(torch.tensor([7, 7, 3])) == "<sosp><7><7><3><eosp>"
     for bad in ([-1], [1.5], [True]):
         with pytest.raises(ValueError):
             units_to_text(bad)
