@@ -183,12 +183,9 @@ def _to_float(array: np.ndarray) -> np.ndarray:
     if array.dtype in _FULL_SCALE:
         return (array.astype(np.float64) / _FULL_SCALE[array.dtype]).astype(np.float32)
     if array.dtype == np.uint8:  # 8-bit PCM is unsigned, centred on 128
-        return ((array.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+        return (array.astype(np.float32) - 128.0) / 128.0
     if array.dtype.kind == "f":
-        out = array.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise AudioError("non_finite", "The audio contains NaN or infinite samples, so it cannot be used.")
-        return out
+        return array.astype(np.float32)  # non-finite samples are refused in _finish
     raise AudioError("unreadable", f"Unsupported sample type {array.dtype}; use integer PCM or floats.")
 
 
