@@ -417,8 +417,10 @@ def build_ui(
         options: Options,
         keep: list[TurnRecord],
     ) -> Iterator[tuple[Any, ...]]:
-        # Clear the panels first so a new turn never shows the last one's text.
-        yield ("", "", units_summary([]), "", None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        # Clear the panels first so a new turn never shows the last one's text. The player is
+        # cleared by a property update: a plain None would open an empty audio stream.
+        cleared = gr.update(value=None)
+        yield ("", "", units_summary([]), "", cleared, "", gr.skip(), gr.skip(), gr.skip(), gr.skip())
         live = LiveTurn()
         for live, chunk in app.run_turn(request, audio=audio, text=text, history=history, options=options):
             yield (*_panels(live, chunk), gr.skip(), gr.skip(), gr.skip(), gr.skip())

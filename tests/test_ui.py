@@ -1,0 +1,221 @@
+"""The voice chat app, driven over HTTP with gradio_client: the real app.py on the scripted bundle.
+
+One app serves every test in this module (launched in-process on a free loopback port); each test
+opens its own client, which is its own browser session with its own conversation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from speechgpt_app.scripted import make_scripted_bundle
+from speechgpt_app.units import units_to_text
+
+REPO = Path(__file__).resolve().parents[1]
+HEARD = "unless a system is established"
+ANSWER = "A review keeps the system honest."
+UNITS = [(11 * i + 5) % 50 for i in range(60)]
+CORRECTED = "unless a system is established for review"
+
+# Output positions of /send and /regenerate (ui.build_ui: panels, conversation, state, inputs).
+HEARD_OUT, ANSWER_OUT, COUNT_OUT, UNITS_OUT, SPEECH_OUT, TIMINGS_OUT, CHAT_OUT = range(7)
+SETTINGS = dict(temperature=0.7, top_p=0.8, top_k=50, max_new_tokens=512, seed=0, output="Speech + text")
+SILENCE_RMS = 1e-3  # float samples: far below the scripted vocoder's output, far above decoder noise
+
+
+def load_app_module() -> ModuleType:
+    """app.py is a script at the repository root, not part of the package: load it from its path."""
+    spec = importlib.util.spec_from_file_location("speechgpt_root_app", REPO / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real app on a scripted bundle, on a free loopback port; yields its URL."""
+    bundle = make_scripted_bundle(tmp_path_factory.mktemp("ui") / "bundle", HEARD, ANSWER, UNITS)
+    app = load_app_module()
+    demo = app.create_app(model=str(bundle))
+    port = free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def client(url: str) -> Client:
+    # Raw file dicts (with URLs) instead of downloads: the test fetches what it checks itself.
+    return Client(url, verbose=False, download_files=False)
+
+
+def send(c: Client, audio: str | None = None, text: str = "", task: str = "Chat", **settings: Any) -> list:
+    """One turn through /send; every streamed update, in order."""
+    s = {**SETTINGS, **settings}
+    job = c.submit(
+        handle_file(audio) if audio else None, text, task,
+        s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["output"],
+        api_name="/send",
+    )  # fmt: skip
+    updates = list(job)
+    job.result()  # raises AppError with the page's message if the turn failed
+    return updates
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Any audio file's bytes -> mono float samples."""
+    with av.open(io.BytesIO(data)) as f:
+        return np.concatenate([frame.to_ndarray().astype(np.float32).reshape(-1) for frame in f.decode(audio=0)])
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
+
+
+def first(updates: list, index: int, pred) -> int:
+    """Position of the first update whose output `index` satisfies `pred`."""
+    return next(i for i, u in enumerate(updates) if pred(u[index]))
+
+
+def is_stream(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("is_stream") is True
+
+
+def export(c: Client) -> dict:
+    """The session's conversation as the exported JSON."""
+    f = c.predict(api_name="/export")
+    return json.loads(httpx.get(f["url"]).text)
+
+
+def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_wav: Path) -> None:
+    c = client(server)
+    updates = send(c, audio=str(lj_wav))
+
+    # The chain of modality fills in order: what was heard, then the answer, then speech.
+    heard_at = first(updates, HEARD_OUT, bool)
+    answer_at = first(updates, ANSWER_OUT, bool)
+    audio_at = first(updates, SPEECH_OUT, is_stream)
+    assert heard_at < answer_at < audio_at < len(updates) - 1  # audio streams before the turn ends
+    final = updates[-1]
+    assert final[HEARD_OUT] == HEARD
+    assert final[ANSWER_OUT] == ANSWER
+    assert final[UNITS_OUT] == units_to_text(UNITS)
+    assert f"**{len(UNITS)}**" in final[COUNT_OUT]
+    assert "time to first audio" in final[TIMINGS_OUT] and "–" not in final[TIMINGS_OUT].split("·")[1]
+
+    # The streamed answer speech decodes to real (not silent) audio.
+    stream_url = updates[audio_at][SPEECH_OUT]["url"]
+    streamed = decode(httpx.get(stream_url.replace("playlist.m3u8", "playlist-file")).content)
+    assert len(streamed) > 0 and rms(streamed) > SILENCE_RMS
+
+    # The conversation shows the question audio + transcript and the answer audio + text.
+    chat = final[CHAT_OUT]
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    user_parts, bot_parts = chat[0]["content"], chat[1]["content"]
+    assert user_parts[0]["component"] == "audio" and user_parts[1]["text"] == HEARD
+    assert bot_parts[0]["component"] == "audio" and bot_parts[1]["text"] == ANSWER
+    answer_wav = decode(httpx.get(bot_parts[0]["value"]["url"]).content)
+    assert rms(answer_wav) > SILENCE_RMS
+
+    # A second turn carries the first as context.
+    second = send(c, text="and why is that?")
+    assert second[-1][ANSWER_OUT] == ANSWER
+    assert len(second[-1][CHAT_OUT]) == 4
+    doc = export(c)
+    assert len(doc["turns"]) == 2
+    one, two = doc["turns"]
+    assert one["context"] == [] and one["heard"] == HEARD and one["answer"] == ANSWER
+    assert one["units"] == UNITS and one["seed"] == 0 and one["end_reason"] == "eoa"
+    assert two["question_text"] == "and why is that?"
+    assert len(two["context"]) == 1
+    assert ANSWER in two["context"][0]["assistant"] and units_to_text(UNITS) in two["context"][0]["assistant"]
+    assert doc["model"].startswith("scripted-test-model")
+    assert {"torch", "transformers", "gradio", "speechgpt_app"} <= set(doc["versions"])
+    assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.7
+
+
+def test_sessions_keep_separate_histories(server: str, lj_wav: Path) -> None:
+    a, b = client(server), client(server)
+    send(a, audio=str(lj_wav))
+    send(b, text="hello from b")
+    send(a, text="second question from a")
+    doc_a, doc_b = export(a), export(b)
+    assert [t["question_text"] for t in doc_a["turns"]] == [None, "second question from a"]
+    assert [t["question_text"] for t in doc_b["turns"]] == ["hello from b"]
+    assert doc_b["turns"][0]["context"] == []
+
+
+def test_regenerate_from_corrected_transcript_replaces_the_turn(server: str, lj_wav: Path) -> None:
+    c = client(server)
+    send(c, audio=str(lj_wav))
+    s = SETTINGS
+    job = c.submit(
+        CORRECTED, s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["output"],
+        api_name="/regenerate",
+    )  # fmt: skip
+    final = list(job)[-1]
+    job.result()
+    assert final[HEARD_OUT] == CORRECTED  # the forced prefix is what the model "heard" now
+    (turn,) = export(c)["turns"]  # replaced, not appended
+    assert turn["heard"] == CORRECTED
+    assert turn["settings"]["assistant_prefix"] == CORRECTED + "; [ta] "
+    assert turn["question_audio"] == "LJ050-0131.wav"
+
+
+def test_stop_ends_the_turn_early(server: str, lj_wav: Path) -> None:
+    c = client(server)
+    s = SETTINGS
+    job = c.submit(
+        handle_file(str(lj_wav)), "", "Chat",
+        s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["output"],
+        api_name="/send",
+    )  # fmt: skip
+    for update in job:
+        if update[HEARD_OUT]:  # the turn is generating: stop it
+            c.predict(api_name="/stop")
+            break
+    job.result()
+    (turn,) = export(c)["turns"]
+    assert turn["end_reason"] == "cancelled"
+    assert len(turn["units"]) < len(UNITS)
+
+
+def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_path: Path) -> None:
+    c = client(server)
+    with pytest.raises(AppError, match="Record or upload a question"):
+        send(c)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    with pytest.raises(AppError, match=r"(?i)read|audio|decode"):
+        send(c, audio=str(not_audio))
+    silent = tmp_path / "silent.wav"
+    import soundfile as sf
+
+    sf.write(silent, np.zeros(16000 * 2, dtype=np.int16), 16000)
+    with pytest.raises(AppError, match=r"(?i)silen"):
+        send(c, audio=str(silent))
+    with pytest.raises(AppError, match="speak task answers in speech"):
+        send(c, text="say this", task="Speak this text", output="Text only")
+    assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
