@@ -1,0 +1,171 @@
+"""`python -m speechgpt_app ask`: answer one spoken or typed question, write the answer audio.
+
+    python -m speechgpt_app ask --audio question.wav --out answer.wav
+    python -m speechgpt_app ask --text "What is the capital of France?" --output text
+    python -m speechgpt_app ask --audio q.flac --task transcribe --json
+
+Prints what the model heard, its answer and the timings (or, with --json, one JSON document with
+every event and the timings). Bad input or a missing model is one line on stderr and exit status 2;
+a turn that fails during generation exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
+from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
+from speechgpt_app.prompt import OUTPUT_MODES, TASKS
+
+EXIT_BAD_INPUT = 2  # bad input, unknown or missing model
+EXIT_FAILED = 1  # the turn ended with an error
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# --flag -> Options field, for the sampling settings (None = the bundle's default).
+_SAMPLING_FLAGS = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+}
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add the `ask` arguments."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audio", type=Path, help="the spoken question (wav, flac, mp3, ogg, webm, m4a)")
+    source.add_argument("--text", help="a typed question (chat) or the text to say (--task speak)")
+    p.add_argument("--out", type=Path, default=Path("answer.wav"), help="answer audio (default: answer.wav)")
+    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV})")
+    p.add_argument("--quant", default=None, help="auto, none, nf4, int8, int4 (default: $SPEECHGPT_QUANT or auto)")
+    p.add_argument("--precision", default=None, help="auto (bf16), bf16, fp16, fp32")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")
+    p.add_argument("--task", choices=TASKS, default="chat")
+    p.add_argument("--output", choices=OUTPUT_MODES, default="speech+text", help="answer with speech and text, or text only")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible answer")
+    p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
+    for name, kind in _SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="default: the model's")
+    p.add_argument("--assistant-prefix", default=None, help="force the start of the answer (e.g. 'corrected words; [ta] ')")
+    p.add_argument("--json", action="store_true", help="print every event and the timings as one JSON document")
+
+
+def _options(args: argparse.Namespace, defaults: Options) -> Options:
+    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    if args.greedy:
+        given["do_sample"] = False
+    return replace(
+        defaults, **given, seed=args.seed, task=args.task, output=args.output, assistant_prefix=args.assistant_prefix
+    )
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    """One event as JSON: its type and fields (audio as its length, not its samples)."""
+    if isinstance(event, Audio):
+        return {"type": "Audio", "samples": len(event.pcm), "sample_rate": event.sample_rate, "t_ms": event.t_ms}
+    data = {f.name: getattr(event, f.name) for f in fields(event)}
+    if isinstance(event, End):
+        data["turn"] = asdict(event.turn) if event.turn is not None else None
+        data["problems"] = list(event.problems)
+    if isinstance(event, Units):
+        data["ids"] = list(event.ids)
+    return {"type": type(event).__name__, **data}
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run one turn as the arguments say; returns the exit status."""
+    import soundfile as sf
+
+    from speechgpt_app.loaders import MissingWeightsError
+    from speechgpt_app.model import ModelLoadError
+
+    try:
+        pipeline = Pipeline.load(args.model, quant=args.quant, device=args.device, precision=args.precision)
+        options = _options(args, pipeline.default_options)
+        events = pipeline.respond(audio=args.audio, text=args.text, options=options)
+    # Every input and model error of ours is one of these (AudioError, PromptError, BundleError,
+    # ModelNameError and VocoderError are ValueErrors); an OSError is an unreadable file.
+    except (ValueError, OSError, MissingWeightsError, ModelLoadError) as e:
+        return _fail(str(e))
+
+    timings = Timings()
+    seen: list[Event] = []
+    heard, answer, units, chunks = [], [], [], []
+    try:
+        for event in events:
+            timings.observe(event)
+            seen.append(event)
+            if isinstance(event, Heard):
+                heard.append(event.text)
+            elif isinstance(event, Answer):
+                answer.append(event.text)
+            elif isinstance(event, Units):
+                units.extend(event.ids)
+            elif isinstance(event, Audio):
+                chunks.append(event.pcm)
+            elif isinstance(event, Notice) and not args.json:
+                print(f"note: {event.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    end = seen[-1]
+    assert isinstance(end, End)
+
+    wrote = None
+    if chunks:
+        wrote = args.out
+        sf.write(wrote, np.concatenate(chunks), pipeline.sample_rate, subtype="PCM_16")
+    if args.json:
+        doc = {
+            "model": pipeline.description,
+            "heard": "".join(heard),
+            "answer": "".join(answer),
+            "units": units,
+            "reason": end.reason,
+            "problems": list(end.problems),
+            "audio_file": str(wrote) if wrote else None,
+            "timings": timings.as_dict(),
+            "stats": end.stats,
+            "events": [event_to_json(e) for e in seen],
+        }
+        print(json.dumps(doc, ensure_ascii=False, indent=1))
+    else:
+        _print_summary(pipeline, "".join(heard), "".join(answer), units, end, wrote, timings)
+    return EXIT_FAILED if end.reason == "error" else 0
+
+
+def _print_summary(pipeline, heard, answer, units, end, wrote, timings: Timings) -> None:
+    def secs(ms):
+        return "-" if ms is None else f"{ms / 1000:.2f} s"
+
+    print(f"model:  {pipeline.description}")
+    if heard.strip():
+        print(f"heard:  {heard.strip()}")
+    if answer.strip():
+        print(f"answer: {answer.strip()}")
+    if units:
+        print(f"units:  {len(units)}")
+    print(f"audio:  {wrote} ({timings.audio_seconds:.2f} s)" if wrote else "audio:  none")
+    rtf = timings.real_time_factor
+    tps = timings.tokens_per_second
+    print(
+        f"timings: transcript {secs(timings.time_to_transcript_ms)}, first audio "
+        f"{secs(timings.time_to_first_audio_ms)}, {'-' if tps is None else f'{tps:.1f}'} tokens/s, "
+        f"real-time factor {'-' if rtf is None else f'{rtf:.2f}'}, total {secs(timings.total_ms)}"
+    )
+    print(f"ended:  {end.reason}")
+    for problem in end.problems:
+        print(f"problem: {problem}", file=sys.stderr)

@@ -1,0 +1,68 @@
+"""ask.py: the one-question command line, on the scripted test model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile as sf
+
+from speechgpt_app.cli import main
+from speechgpt_app.scripted import make_scripted_bundle
+from speechgpt_app.vocoder import Vocoder
+
+HEARD = "unless a system is established"
+ANSWER = "Yes, a formal review."
+UNITS = (3, 7, 12, 40, 1, 22, 9)
+CPU = ["--quant", "none", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_scripted_bundle(tmp_path_factory.mktemp("ask") / "b", HEARD, ANSWER, UNITS)
+
+
+def test_ask_writes_the_wav_and_prints_json(bundle, lj_wav, tmp_path, capsys):
+    out = tmp_path / "answer.wav"
+    status = main(["ask", "--model", str(bundle), "--audio", str(lj_wav), "--out", str(out), "--json", "--seed", "1", *CPU])
+    assert status == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["heard"], doc["answer"], doc["units"], doc["reason"]) == (HEARD, ANSWER, list(UNITS), "eoa")
+    vocoder = Vocoder.from_dir(bundle / "speech" / "vocoder")
+    info = sf.info(out)
+    assert info.samplerate == 16_000 and info.frames == sum(vocoder.durations(UNITS)) * vocoder.hop
+    assert doc["audio_file"] == str(out)
+    kinds = [e["type"] for e in doc["events"]]
+    assert kinds[-1] == "End" and "Heard" in kinds and "Audio" in kinds
+    assert doc["timings"]["time_to_first_audio_ms"] > 0 and doc["stats"]["tokens_per_s"] > 0
+
+
+def test_ask_text_only_summary(bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPEECHGPT_MODEL", str(bundle))
+    out = tmp_path / "none.wav"
+    status = main(["ask", "--text", "What is a review?", "--output", "text", "--greedy", "--out", str(out), *CPU])
+    printed = capsys.readouterr().out
+    assert status == 0 and not out.exists()
+    assert f"answer: {ANSWER}" in printed and "audio:  none" in printed and "ended:  eoa" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--audio", "/no/such/file.wav"], "file.wav"),
+        (["--text", "  "], "empty"),
+        (["--text", "hi", "--temperature", "-1"], "temperature"),
+    ],
+)
+def test_ask_bad_input_is_one_line_and_status_2(bundle, capsys, argv, words):
+    assert main(["ask", "--model", str(bundle), *argv, *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bar
+    assert err.startswith("error: ") and words in err
+
+
+def test_ask_missing_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
+    assert main(["ask", "--text", "hi", *CPU]) == 2
+    assert "SPEECHGPT_MODEL" in capsys.readouterr().err
+    assert main(["ask", "--model", str(tmp_path / "nowhere"), "--text", "hi", *CPU]) == 2
+    assert "nowhere" in capsys.readouterr().err
