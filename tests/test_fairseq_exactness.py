@@ -101,6 +101,16 @@ def test_fixture_models_are_not_the_released_shapes(fairseq_hubert) -> None:
     assert config["upsample_rates"] != [5, 4, 4, 2, 2] and np.prod(config["upsample_rates"]) == 320
 
 
+def test_hubert_checkpoint_needs_the_allow_list_unpickler() -> None:
+    """The fixture is a real fairseq checkpoint (fairseq classes inside), not a plain tensor dict."""
+    import pickle
+
+    with pytest.raises(pickle.UnpicklingError, match="fairseq"):
+        torch.load(HUBERT_CKPT, map_location="cpu", weights_only=True)
+    cfg, sd = convert.load_fairseq_checkpoint(HUBERT_CKPT)
+    assert isinstance(cfg, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
 def test_kmeans_centres_are_read_from_the_sklearn_pickle(tokenizer: SpeechTokenizer) -> None:
     centres = convert.load_kmeans_centres(KMEANS_BIN)
     assert centres.dtype == np.float32

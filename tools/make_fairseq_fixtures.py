@@ -120,6 +120,8 @@ HUBERT_OVERRIDES = (
     "distributed_training.distributed_world_size=1",
     "checkpoint.save_dir=checkpoints",
 )
+FFN_WEIGHT_SCALE = 6.0  # see widen_encoder
+ATTENTION_WEIGHT_SCALE = 3.0
 
 # k-means: scikit-learn MiniBatchKMeans as fairseq's examples/hubert/simple_kmeans/learn_kmeans.py
 # sets it up, with a non-default cluster count and fewer restarts (tiny data).
@@ -230,6 +232,22 @@ def perturb(module: torch.nn.Module, gen: torch.Generator) -> None:
         p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
+@torch.no_grad()
+def widen_encoder(model) -> None:
+    """Scale the transformer layers' weights from fairseq's BERT init (std 0.02) towards a trained model's.
+
+    At init the FFN pre-activations have std ~0.2, where exact GELU and its tanh approximation differ
+    by 1.5e-5 at the output: less than the test's tolerance, so a wrong GELU would pass. Scaled, they
+    differ by ~1e-3, and the attention logits are no longer almost uniform.
+    """
+    for layer in model.encoder.layers:
+        for linear in (layer.fc1, layer.fc2):
+            linear.weight.mul_(FFN_WEIGHT_SCALE)
+        attn = layer.self_attn
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            linear.weight.mul_(ATTENTION_WEIGHT_SCALE)
+
+
 def hubert_cfg():
     """fairseq's full training config, composed by hydra exactly as fairseq-hydra-train does."""
     from fairseq.dataclass.initialize import add_defaults, hydra_init
@@ -264,6 +282,7 @@ def save_hubert(path: Path, gen: torch.Generator) -> None:
     task.load_state_dict({"dictionaries": [dictionary]})
     model = task.build_model(cfg.model)
     perturb(model, gen)
+    widen_encoder(model)
     criterion = task.build_criterion(cfg.criterion)
     trainer = Trainer(cfg, task, model, criterion)
     path.parent.mkdir(parents=True, exist_ok=True)
