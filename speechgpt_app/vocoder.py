@@ -309,22 +309,25 @@ class CodeHiFiGAN(nn.Module):
             x = torch.repeat_interleave(x, self.durations(x).view(-1), dim=2)
         return self.generate(x)
 
-    def generator_radius(self) -> int:
-        """Frames of context each side that one output frame depends on (a safe upper bound).
+    def generator_context(self) -> tuple[int, int]:
+        """Frames of context (left, right) that one output frame depends on, exactly.
 
-        Walks the generator backwards from one output sample: conv_post, then per stage the
-        widest ResBlock and the transposed conv (which maps r samples at its output to about
-        (r + kernel) / rate samples at its input), then conv_pre.
+        Walks the generator backwards from the samples of output frame 0: conv_post widens the
+        interval by its padding; per stage, the widest ResBlock widens it by the sum of its
+        convolutions' reaches, and the transposed conv maps output samples [a, b] to the inputs
+        n with 0 <= t + padding - n * rate < kernel for some t in [a, b]; conv_pre widens it last.
         """
         edge = _padding(EDGE_KERNEL)
-        r = edge
+        lo, hi = -edge, self.cfg.hop - 1 + edge
         for u, k in reversed(list(zip(self.cfg.upsample_rates, self.cfg.upsample_kernel_sizes))):
-            r += max(
+            reach = max(
                 sum(_padding(rk, d) + _padding(rk) for d in ds)
                 for rk, ds in zip(self.cfg.resblock_kernel_sizes, self.cfg.resblock_dilation_sizes)
             )
-            r = math.ceil((r + k) / u) + 1
-        return r + edge
+            pad = (k - u) // 2
+            lo = math.ceil((lo - reach + pad - k + 1) / u)
+            hi = math.floor((hi + reach + pad) / u)
+        return -(lo - edge), hi + edge
 
     def legacy_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict with fairseq's legacy weight-norm names (`weight_g`, `weight_v`)."""
@@ -454,9 +457,14 @@ class Vocoder:
         wav = self.model(self._tensor(ids), dur_prediction=dur_prediction)
         return wav.view(-1).float().cpu().numpy()
 
-    def stream(self, dur_prediction: bool = True) -> VocoderStream:
-        """A chunked decoder whose concatenated output equals `decode()` of all pushed units."""
-        return VocoderStream(self, dur_prediction)
+    def stream(self, dur_prediction: bool = True, min_frames: int = 1) -> VocoderStream:
+        """A chunked decoder whose concatenated output equals `decode()` of all pushed units.
+
+        `min_frames`: hold audio back until at least this many frames are final. Each decode
+        recomputes (left + right) context frames (42 for the released vocoder), so small chunks
+        cost more in total: about (min_frames + 42) / min_frames times a whole decode.
+        """
+        return VocoderStream(self, dur_prediction, min_frames)
 
 
 class VocoderStream:
@@ -467,13 +475,16 @@ class VocoderStream:
     decodes only the new frames plus that context, so its cost does not grow with the utterance.
     """
 
-    def __init__(self, vocoder: Vocoder, dur_prediction: bool = True) -> None:
+    def __init__(self, vocoder: Vocoder, dur_prediction: bool = True, min_frames: int = 1) -> None:
         model = vocoder.model
         if dur_prediction and model.dur_predictor is None:
             raise VocoderError("this vocoder has no duration predictor (config lacks dur_predictor_params)")
+        if isinstance(min_frames, bool) or not isinstance(min_frames, int) or min_frames < 1:
+            raise VocoderError(f"min_frames must be a positive integer, got {min_frames!r}")
         self._voc = vocoder
         self._dur_radius = model.dur_predictor.radius if dur_prediction else 0
-        self._gen_radius = model.generator_radius()
+        self._left, self._right = model.generator_context()
+        self._min_frames = min_frames
         self._ids: list[int] = []
         self._ends: list[int] = []  # cumulative frame end of each unit whose duration is final
         self._emitted = 0  # frames already returned
@@ -482,7 +493,7 @@ class VocoderStream:
     @property
     def lookahead(self) -> int:
         """Units beyond the emitted audio the decoder may need to see (worst case, 1 frame per unit)."""
-        return self._gen_radius + self._dur_radius
+        return self._right + self._dur_radius
 
     def push(self, ids: Iterable[int]) -> np.ndarray:
         """Add units; return the audio that is now final (possibly empty)."""
@@ -503,10 +514,10 @@ class VocoderStream:
     def _advance(self, final: bool) -> np.ndarray:
         self._settle_durations(final)
         known = self._ends[-1] if self._ends else 0
-        stop = known if final else known - self._gen_radius
-        if stop <= self._emitted:
+        stop = known if final else known - self._right
+        if stop <= self._emitted or (not final and stop - self._emitted < self._min_frames):
             return np.zeros(0, dtype=np.float32)
-        start = max(0, self._emitted - self._gen_radius)
+        start = max(0, self._emitted - self._left)
         wav = self._voc.model.generate(self._frames(start, known)).view(-1)
         hop = self._voc.hop
         out = wav[(self._emitted - start) * hop : (stop - start) * hop]

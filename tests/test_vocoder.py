@@ -232,9 +232,11 @@ def test_shape_mismatch_names_the_key(fairseq_files: tuple[CodeHiFiGAN, Path, Pa
         Vocoder.from_state_dict(VocoderConfig.from_dict(TINY_CONFIG), sd)
 
 
-def run_stream(vocoder: Vocoder, ids: list[int], cuts: list[int], dur_prediction: bool) -> tuple[np.ndarray, list[int]]:
+def run_stream(
+    vocoder: Vocoder, ids: list[int], cuts: list[int], dur_prediction: bool, min_frames: int = 1
+) -> tuple[np.ndarray, list[int]]:
     """Push ids split at `cuts` (may repeat: empty pushes); return audio and samples out after each push."""
-    stream = vocoder.stream(dur_prediction=dur_prediction)
+    stream = vocoder.stream(dur_prediction=dur_prediction, min_frames=min_frames)
     pieces, emitted = [], []
     bounds = [0, *sorted(cuts), len(ids)]
     for a, b in zip(bounds, bounds[1:]):
@@ -250,11 +252,16 @@ def run_stream(vocoder: Vocoder, ids: list[int], cuts: list[int], dur_prediction
     cut_fracs=st.lists(st.floats(min_value=0, max_value=1), max_size=12),
     dur_prediction=st.booleans(),
     seed=st.integers(0, 1000),
+    min_frames=st.integers(1, 8),
 )
-def test_any_chunking_matches_whole(vocoder: Vocoder, n: int, cut_fracs: list[float], dur_prediction: bool, seed: int) -> None:
+def test_any_chunking_matches_whole(
+    vocoder: Vocoder, n: int, cut_fracs: list[float], dur_prediction: bool, seed: int, min_frames: int
+) -> None:
     ids = units(n, seed)
     whole = vocoder.decode(ids, dur_prediction=dur_prediction)
-    chunked, _ = run_stream(vocoder, ids, [int(f * n) for f in cut_fracs], dur_prediction)
+    chunked, emitted = run_stream(vocoder, ids, [int(f * n) for f in cut_fracs], dur_prediction, min_frames)
+    steps = np.diff([0, *emitted])
+    assert all(step == 0 or step >= min_frames * vocoder.hop for step in steps)
     assert chunked.shape == whole.shape
     assert np.abs(chunked - whole).max() < 1e-3
 
@@ -289,7 +296,7 @@ def test_per_push_work_is_bounded(vocoder: Vocoder, monkeypatch: pytest.MonkeyPa
     stream.flush()
     max_new = 3 * max(vocoder.durations(ids))
     assert sum(vocoder.durations(ids)) > 4 * max(sizes)
-    assert max(sizes) <= 2 * vocoder.model.generator_radius() + max_new
+    assert max(sizes) <= sum(vocoder.model.generator_context()) + max_new
 
 
 def test_flushed_stream_refuses_more(vocoder: Vocoder) -> None:
@@ -308,3 +315,21 @@ def test_no_duration_predictor(tmp_path: Path) -> None:
         voc.decode([1, 2, 3])
     with pytest.raises(VocoderError, match="no duration predictor"):
         voc.stream()
+
+
+def test_generator_context_is_exact(vocoder: Vocoder) -> None:
+    """Changing input frame f changes output frames f - right .. f + left and nothing else."""
+    left, right = vocoder.model.generator_context()
+    n, f, hop = 80, 40, vocoder.hop
+    x = vocoder.model.embed(torch.tensor([units(n, seed=9)]))
+    y = x.clone()
+    y[:, :, f] += 1.0
+    with torch.no_grad():
+        diff = (vocoder.model.generate(x) - vocoder.model.generate(y)).abs().view(n, hop).amax(dim=1)
+    changed = torch.nonzero(diff).view(-1).tolist()
+    assert changed[0] == f - right and changed[-1] == f + left
+
+
+def test_bad_min_frames_is_refused(vocoder: Vocoder) -> None:
+    with pytest.raises(VocoderError, match="min_frames"):
+        vocoder.stream(min_frames=0)
