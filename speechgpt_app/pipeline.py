@@ -39,6 +39,7 @@ from speechgpt_app.generate import (
     TOP_P,
     GenerationStats,
     SamplingOptions,
+    encode_continuation,
     stream_tokens,
 )
 from speechgpt_app.parser import ChainParser
@@ -227,7 +228,6 @@ class Pipeline:
         bundle_dir = resolve_model(model if model is not None else model_from_env())
         info = read_bundle(bundle_dir)
         speech_dir = bundle_dir / info.speech
-        speech = SpeechTokenizer.from_dir(speech_dir)
         lm_location = locate(bundle_dir, info.lm)
         spec = LMSpec(
             path=lm_location,
@@ -236,9 +236,10 @@ class Pipeline:
             quant=quant or quant_from_env(),
             merge_adapter=merge_adapter,
             device=device,
-            n_units=speech.n_units,  # load_lm checks the vocabulary against it (vocab.check_vocabulary)
+            n_units=info.n_units,  # = speech.json's (read_bundle); load_lm checks the vocabulary against it
         )
         lm = load_lm(spec)
+        speech = SpeechTokenizer.from_dir(speech_dir, device=lm.device)  # HuBERT beside the LM
         vocoder = Vocoder.from_dir(speech_dir / "vocoder", device=lm.device)
         if vocoder.n_units != speech.n_units:
             from speechgpt_app.bundle import BundleError
@@ -319,6 +320,13 @@ class Pipeline:
         reserve = min(options.max_new_tokens, self.context_length // 2)
         plan = build_prompt(user, history, self.count_tokens, self.context_length - reserve)
         prompt_ids = tuple(self.lm.tokenizer.encode(plan.text))
+        if options.assistant_prefix is not None:
+            forced = len(encode_continuation(self.lm.tokenizer, options.assistant_prefix))
+            if forced >= options.max_new_tokens:
+                raise PromptError(
+                    f"the assistant prefix takes {forced} tokens, leaving no room in max_new_tokens="
+                    f"{options.max_new_tokens}"
+                )
         return Request(user, plan.text, prompt_ids, plan.notices, options)
 
     def _run(self, request: Request, cancel: threading.Event | None, started: float) -> Iterator[Event]:

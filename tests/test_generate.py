@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,7 +187,7 @@ def test_same_seed_same_answer_other_seeds_differ(lm, prompt_ids):
     _, a = run(lm, prompt_ids, options)
     _, b = run(lm, prompt_ids, options)
     assert a == b and len(a) == 12
-    others = {tuple(run(lm, prompt_ids, SamplingOptions(**{**options.__dict__, "seed": s}))[1]) for s in range(4)}
+    others = {tuple(run(lm, prompt_ids, replace(options, seed=s))[1]) for s in range(4)}
     assert len(others) > 1
 
 
