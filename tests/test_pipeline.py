@@ -218,3 +218,43 @@ def test_load_from_env_and_vocabulary_mismatch(bundle, tmp_path, monkeypatch):
     shutil.copytree(other / "lm", mixed / "lm")
     with pytest.raises(ModelLoadError, match="20"):
         Pipeline.load(mixed, quant="none", device="cpu", precision="fp32")
+
+
+class _FailingScript:
+    """Stands in for the script: its hook fails on the fifth token, as a device error would."""
+
+    def logits_hook(self, tokenizer, task):
+        def hook(ids, logits):
+            if len(ids) == 5:
+                raise RuntimeError("device lost")
+            return logits
+
+        return hook
+
+
+def test_error_during_generation_ends_the_turn_and_frees_the_pipeline(pipeline, lj_wav, monkeypatch, caplog):
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "script", _FailingScript())
+        events = list(pipeline.respond(audio=lj_wav))
+    end = events[-1]
+    assert end.reason == "error" and "device lost" in end.problems[0] and end.turn is None
+    assert "generation failed" in caplog.text
+    assert list(pipeline.respond(audio=lj_wav, options=Options(output="text")))[-1].reason == "eoa"
+
+
+def test_one_turn_at_a_time(pipeline, lj_wav):
+    log: list[tuple[str, type]] = []
+
+    def turn(name):
+        for event in pipeline.respond(audio=lj_wav, options=Options(output="text")):
+            log.append((name, type(event)))
+
+    threads = [threading.Thread(target=turn, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    names = [name for name, _ in log]
+    switches = [i for i in range(1, len(log)) if names[i] != names[i - 1]]
+    assert len(switches) == 1 and log[switches[0] - 1][1] is End  # one whole turn, then the other
+    assert [kind for _, kind in log].count(End) == 2
