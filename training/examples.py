@@ -34,18 +34,23 @@ def unit_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Exampl
 
 
 def record_examples(records: Sequence[Record], tokenizer, block_size: int) -> list[Example]:
-    """Stages 2-3: `<s> prefix` (no loss) + `plain_text </s>` (loss), cut to `block_size` tokens.
+    """Stages 2-3: `<s> prefix plain_text </s>`, the loss masked on the prefix, cut to `block_size`.
 
-    The two parts are tokenised separately so the loss mask falls exactly on the boundary; the
-    exchange starts with the added token `[Human]`, so this matches tokenising the whole string.
+    The record is tokenised in one piece, as the app tokenises its prompt (SpeechGPT's added tokens
+    strip the whitespace around them, so the prefix's final newline merges into `[Human]`); the
+    tokens that end inside the prefix, found from the character offsets, get no loss.
     """
     examples, cut = [], 0
     for r in records:
-        prefix = tokenizer(r.prefix).input_ids
-        body = tokenizer(r.plain_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        ids = (prefix + body)[:block_size]
-        labels = ([IGNORE_INDEX] * len(prefix) + body)[:block_size]
-        cut += len(prefix) + len(body) > block_size
+        enc = tokenizer(r.prefix + r.plain_text, return_offsets_mapping=True)
+        ids = list(enc.input_ids) + [tokenizer.eos_token_id]
+        n_special = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+        # `[Human]`'s span includes the newline it absorbed, so a token is the prefix's if it ends inside it.
+        ends = [end for _, end in enc.offset_mapping[n_special:]]
+        n_prefix = n_special + next((i for i, end in enumerate(ends) if end > len(r.prefix)), len(ends))
+        labels = [IGNORE_INDEX] * n_prefix + ids[n_prefix:]
+        cut += len(ids) > block_size
+        ids, labels = ids[:block_size], labels[:block_size]
         if any(label != IGNORE_INDEX for label in labels):
             examples.append(Example(ids, labels))
     if cut:

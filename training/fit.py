@@ -308,7 +308,7 @@ def fit(
             group["lr"] = lr
         micro_losses = []
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = _next_batch(batches)
             tokens += int(batch["attention_mask"].sum())
             with acc.accumulate(model):
                 loss = model(**batch).loss
@@ -348,6 +348,15 @@ def fit(
             }
             (result.model_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _next_batch(batches) -> dict[str, torch.Tensor]:
+    """The next batch, leaving torch's RNG as it was: a DataLoader draws a seed when its iterator
+    starts, and a resumed run starts one at a different step, so its dropout masks would drift."""
+    rng = torch.get_rng_state()
+    batch = next(batches)
+    torch.set_rng_state(rng)
+    return batch
 
 
 def _save_checkpoint(acc, out_dir: Path, step: int, keep: int) -> None:

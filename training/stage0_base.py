@@ -31,7 +31,7 @@ class Stage0Config:
     out_dir: str
     vocab_size: int = 512
     hidden_size: int = 64
-    intermediate_size: int = 176
+    intermediate_size: int = 192  # a multiple of 64: bitsandbytes CPU NF4 kernels need it (QLoRA)
     num_layers: int = 2
     num_heads: int = 4
     max_positions: int = 1024

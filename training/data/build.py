@@ -192,7 +192,7 @@ def stage1_item(indexed: tuple[int, ManifestEntry]) -> list[str]:
     return [units_to_text(_audio_units(indexed[1].audio))]
 
 
-def stage2_item(indexed: tuple[int, ManifestEntry], seed: int, directions: tuple[str, ...]) -> list[str]:
+def stage2_item(indexed: tuple[int, ManifestEntry], seed: int, directions: tuple[str, ...], app_share: float) -> list[str]:
     """One ASR- or TTS-style record for one (audio, transcript) pair."""
     from speechgpt_app import prompt
 
@@ -200,7 +200,7 @@ def stage2_item(indexed: tuple[int, ManifestEntry], seed: int, directions: tuple
     rng = item_rng(seed, index)
     direction = rng.choice(directions)
     task = pick_task(direction, rng)
-    use_app = rng.random() < APP_INSTRUCTION_SHARE
+    use_app = rng.random() < app_share
     units = _audio_units(entry.audio)
     unit_text = prompt.units_to_text(units)
     try:
@@ -320,14 +320,23 @@ def build_stage1(manifest: str, speech_dir: str, out: str, workers: int) -> Prog
 
 
 def build_stage2(
-    manifest: str, speech_dir: str, out: str, workers: int, seed: int, directions: Sequence[str] = ("asr", "tts")
+    manifest: str,
+    speech_dir: str,
+    out: str,
+    workers: int,
+    seed: int,
+    directions: Sequence[str] = ("asr", "tts"),
+    app_share: float = APP_INSTRUCTION_SHARE,
 ) -> Progress:
-    """One ASR- or TTS-style record per transcribed recording."""
+    """One ASR- or TTS-style record per transcribed recording; `app_share` of them use the app's
+    own instruction (prompt.user_message), the rest one of tasks.py's descriptions."""
     bad = sorted(set(directions) - {"asr", "tts"})
     if bad or not directions:
         raise BuildError(f"directions must be asr and/or tts, got {list(directions)}")
+    if not 0.0 <= app_share <= 1.0:
+        raise BuildError(f"app_share must be between 0 and 1, got {app_share}")
     _need(speech_dir, "speech dir", SPEECH_HINT)
-    fn = partial(stage2_item, seed=seed, directions=tuple(directions))
+    fn = partial(stage2_item, seed=seed, directions=tuple(directions), app_share=app_share)
     return run_items(_manifest(manifest, True), fn, Path(out), speech_dir, workers, "stage2")
 
 
@@ -458,6 +467,7 @@ def main(argv: Iterable[str] | None = None) -> None:
             p.add_argument("--manifest", required=True)
         if name == "stage2":
             p.add_argument("--directions", type=_csv, default=("asr", "tts"))
+            p.add_argument("--app-share", type=float, default=APP_INSTRUCTION_SHARE, help="records using the app's instruction")
     a = ap.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -468,7 +478,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         elif a.cmd == "stage1":
             build_stage1(a.manifest, a.speech_dir, a.out, a.workers)
         elif a.cmd == "stage2":
-            build_stage2(a.manifest, a.speech_dir, a.out, a.workers, a.seed, a.directions)
+            build_stage2(a.manifest, a.speech_dir, a.out, a.workers, a.seed, a.directions, a.app_share)
         else:
             build_stage3(
                 a.instructions, a.speech_dir, a.out, a.workers, a.seed, a.formats, a.backends, a.answer_voice, a.max_chars

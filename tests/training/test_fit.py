@@ -1,0 +1,101 @@
+"""The shared fit loop: schedule, data order, padding/masking, and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from speechgpt_app.units import units_to_text
+from training import stage0_base, stage1_pretrain
+from training.fit import IGNORE_INDEX, PAD_ID, Example, TrainConfig, checkpoints, collate, data_order, lr_at
+
+N_UNITS = 16
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(base="b", data="d", out_dir="o", **kw)
+
+
+def test_lr_schedules() -> None:
+    cos = _cfg(lr=1.0, max_steps=100, warmup_ratio=0.03, schedule="cosine")
+    assert [round(lr_at(s, cos), 6) for s in range(3)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0]
+    assert lr_at(3, cos) == 1.0 and lr_at(99, cos) < 1e-3
+    assert lr_at(51, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
+    lin = _cfg(lr=5e-5, max_steps=10, schedule="linear")
+    assert lr_at(0, lin) == 5e-5 and lr_at(5, lin) == pytest.approx(2.5e-5)
+    assert lr_at(7, _cfg(lr=0.1, schedule="constant")) == 0.1
+
+
+def test_data_order_is_seeded_epochs_of_permutations() -> None:
+    order = data_order(5, 12, seed=3)
+    assert len(order) == 12 and sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert (order == data_order(5, 12, seed=3)).all() and not (order == data_order(5, 12, seed=4)).all()
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    batch = collate([Example([1, 5, 6], [IGNORE_INDEX, 5, 6]), Example([1, 7], [1, 7])])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, PAD_ID]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 6], [1, 7, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fit")
+    text = Path(__file__).resolve().parents[2] / "training" / "recipes" / "tiny" / "sentences.txt"
+    cfg = stage0_base.Stage0Config(texts=(str(text),), out_dir=str(root / "stage0"), vocab_size=400)
+    return stage0_base.main(cfg)
+
+
+@pytest.fixture(scope="module")
+def unit_lines(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("units") / "units.txt"
+    path.write_text("".join(units_to_text(rng.randrange(N_UNITS) for _ in range(rng.randint(20, 60))) + "\n" for _ in range(40)))
+    return path
+
+
+def _stage1(tiny_base: Path, unit_lines: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(
+        base=str(tiny_base), data=str(unit_lines), out_dir=str(out), n_units=N_UNITS, block_size=64,
+        micro_batch_size=2, grad_accum=2, max_steps=6, lr=3e-3, schedule="cosine", warmup_ratio=0.2,
+        weight_decay=0.1, eval_examples=4, eval_every=3, save_every=2, seed=11, threads=1, tensorboard=False, **kw,
+    )  # fmt: skip
+
+
+def _train_rows(out: Path) -> list[tuple[int, float]]:
+    with (out / "log.csv").open() as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["split"] == "train"]
+
+
+def test_resume_continues_the_step_count_and_matches_an_unbroken_run(tmp_path, tiny_base, unit_lines) -> None:
+    whole = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "whole"))
+    first = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "broken", stop_at_step=3))
+    assert first.step == 3 and first.model_dir is None  # stopped early: only a checkpoint
+    assert [p.name for p in checkpoints(tmp_path / "broken")] == ["step-000002", "step-000003"]
+    second = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "broken"))
+    assert second.resumed_from == 3 and second.step == 6 and len(second.train_losses) == 3
+    assert second.train_losses == pytest.approx(whole.train_losses[3:], abs=1e-5)
+    assert second.eval_loss == pytest.approx(whole.eval_loss, abs=1e-5)
+    assert [s for s, _ in _train_rows(tmp_path / "broken")] == list(range(1, 7))
+    for (_, a), (_, b) in zip(_train_rows(tmp_path / "whole"), _train_rows(tmp_path / "broken")):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert whole.train_losses[-1] < whole.train_losses[0]  # it learns
+    summary = json.loads((tmp_path / "broken" / "model" / "training.json").read_text())
+    assert summary["steps"] == 6 and summary["stage"] == "stage1"
+    done = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "broken"))  # nothing left to do
+    assert done.resumed_from == 6 and done.train_losses == []
+
+
+def test_stage1_refuses_units_beyond_its_vocabulary(tmp_path, tiny_base, unit_lines) -> None:
+    from training.data.formats import DataFormatError
+
+    cfg = replace(_stage1(tiny_base, unit_lines, tmp_path / "o"), n_units=8)
+    with pytest.raises(DataFormatError, match="out of range"):
+        stage1_pretrain.setup(cfg)
