@@ -29,7 +29,8 @@ that it does.) It takes under a minute and writes, into --out:
                              weight-norm keys; upsample rates 8,5,4,2 (hop 320), 2 resblock kernels
     vocoder/config.json      its fairseq/speech-resynthesis config
     inputs.safetensors       the exact 16 kHz mono float32 waveforms fed to fairseq
-    hubert_outputs.safetensors  features at output_layer 2 and 3 (the last), units, deduplicated units
+    hubert_outputs.safetensors  features at output_layer 2 and 3 (the last), layer 2 read in 20,000-sample
+                             slices, units, deduplicated units
     vocoder_outputs.safetensors unit sequences, predicted durations, waveforms with/without dur_prediction
     MANIFEST.json            versions, seeds, settings, and every file's sha256 and what it holds
 
@@ -82,6 +83,9 @@ CHIRP_AMPLITUDE = 0.5
 # HuBERT: fairseq hydra overrides ("+group=name" picks a registered dataclass); every size differs from mHuBERT base (12 layers, 768 dims, ...).
 HUBERT_LAYERS = 3
 UNIT_LAYER = 2  # fairseq output_layer (1-based) the k-means is fit on; < HUBERT_LAYERS on purpose
+# The reference reads long audio in slices of 1,600,000 samples; a small slice shows the same seams on
+# these short inputs (every slice, the last included, is longer than the conv stack's 345-sample field).
+CHUNK_SAMPLES = 20_000
 FEATURE_LAYERS = (UNIT_LAYER, HUBERT_LAYERS)  # record an inner layer and the last one
 CONV_FEATURE_LAYERS = "[(64,10,5)] + [(64,8,4)] + [(64,4,4)] + [(64,2,2)] * 2"  # strides 5*4*4*2*2 = 320
 HUBERT_OVERRIDES = (
@@ -318,6 +322,20 @@ def hubert_features(model, wav: np.ndarray, layer: int) -> np.ndarray:
     return feats[0].numpy().astype(np.float32)
 
 
+@torch.no_grad()
+def hubert_features_chunked(model, wav: np.ndarray, layer: int, max_chunk: int) -> np.ndarray:
+    """As fairseq's HubertFeatureReader.get_feats (examples/hubert/simple_kmeans): each max_chunk slice
+    of the waveform goes through the model on its own and the frames are concatenated."""
+    source = torch.from_numpy(wav)[None]
+    chunks = []
+    for start in range(0, source.size(1), max_chunk):
+        feats, _ = model.extract_features(
+            source=source[:, start : start + max_chunk], padding_mask=None, mask=False, output_layer=layer
+        )
+        chunks.append(feats[0])
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
 def fit_kmeans(path: Path, features: list[np.ndarray]) -> MiniBatchKMeans:
     """Fit MiniBatchKMeans on all layer-UNIT_LAYER frames and joblib.dump it (fairseq's recipe)."""
     km = MiniBatchKMeans(**KMEANS_PARAMS).fit(np.concatenate(features))
@@ -425,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in inputs:
         for layer in FEATURE_LAYERS:
             hubert_out[f"{name}.layer{layer}"] = features[name, layer]
+        hubert_out[f"{name}.layer{UNIT_LAYER}.chunked"] = hubert_features_chunked(
+            hubert, inputs[name], UNIT_LAYER, CHUNK_SAMPLES
+        )
         frames = features[name, UNIT_LAYER]
         units = km.predict(frames).astype(np.int64)
         exact = ((frames[:, None, :].astype(np.float64) - km.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
@@ -471,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         km_path.name: f"sklearn MiniBatchKMeans ({N_UNITS} clusters) fit on output_layer={UNIT_LAYER} "
         "features of all inputs, saved with joblib.dump",
         "hubert_outputs.safetensors": "<input>.layer<L>: float32 [T, D] fairseq extract_features("
-        f"output_layer=L) for L in {list(FEATURE_LAYERS)}; <input>.units: int64 [T] km.predict of "
+        f"output_layer=L) for L in {list(FEATURE_LAYERS)}; <input>.layer{UNIT_LAYER}.chunked: the same, "
+        f"read in slices of {CHUNK_SAMPLES} samples as HubertFeatureReader does; <input>.units: int64 [T] km.predict of "
         f"layer {UNIT_LAYER}; <input>.dedup: int64 runs collapsed",
         f"vocoder/{VOCODER_CHECKPOINT}": 'fairseq CodeGenerator state dict, torch.save({"generator": sd}), '
         "legacy weight-norm keys (weight_g / weight_v)",
@@ -497,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
             "overrides": list(HUBERT_OVERRIDES),
             "feature_layers": list(FEATURE_LAYERS),
             "unit_layer": UNIT_LAYER,
+            "chunk_samples": CHUNK_SAMPLES,
             "frames": {name: int(features[name, UNIT_LAYER].shape[0]) for name in inputs},
             "input_samples": {name: int(wav.shape[0]) for name, wav in inputs.items()},
         },
