@@ -104,3 +104,15 @@ def test_refuses_bad_scripts(tmp_path):
     (tmp_path / "c" / "x").write_text("")
     with pytest.raises(FileExistsError):
         make_scripted_bundle(tmp_path / "c", HEARD, ANSWER, UNITS, n_units=20)
+
+
+def test_bundle_without_adapter_loads_and_answers(tmp_path, lj_wav):
+    from speechgpt_app.pipeline import Options, Pipeline
+
+    bundle = make_scripted_bundle(tmp_path / "plain", HEARD, ANSWER, UNITS, n_units=20, with_adapter=False)
+    assert read_bundle(bundle).adapter is None and not (bundle / "adapter").exists()
+    pipeline = Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+    assert "LoRA" not in pipeline.description
+    events = list(pipeline.respond(audio=lj_wav, options=Options(output="text")))
+    assert [type(e) for e in events if isinstance(e, (Heard, Answer))][:1] == [Heard]
+    assert events[-1].reason == "eoa" and events[-1].turn.heard == HEARD
