@@ -11,13 +11,13 @@ It runs in a separate, dev-only venv (fairseq is never a dependency of the app, 
     python3.11 -m venv /tmp/fsenv
     /tmp/fsenv/bin/pip install torch==2.13.0 numpy cython setuptools wheel \
         scikit-learn joblib soundfile soxr safetensors    # torch from the local CPU wheel
-    /tmp/fsenv/bin/pip install --no-build-isolation fairseq-fixed==0.12.3.1   # ~4 min to build
+    /tmp/fsenv/bin/pip install --no-build-isolation fairseq-fixed==0.12.3.1   # builds in 4-7 min
     /tmp/fsenv/bin/pip uninstall -y torchaudio   # pulled in by fairseq; does not import with CPU torch
 
     /tmp/fsenv/bin/python tools/make_fairseq_fixtures.py [--out tests/fixtures/fairseq]
 
-(fairseq 0.12.2 does not install on Python 3.11; fairseq-fixed 0.12.3.1 is the same code, packaged so
-that it does.) It takes under a minute and writes, into --out:
+(fairseq 0.12.2 does not install on Python 3.11; fairseq-fixed 0.12.3.1 is a fork of fairseq main made to
+install on Python 3.11+.) It takes about half a minute on 2 cores and writes, into --out:
 
     hubert_tiny.pt           fairseq HubertModel checkpoint written by fairseq's Trainer.save_checkpoint:
                              {"cfg" (plain dict), "model", "task_state" (fairseq Dictionary objects),
@@ -80,7 +80,8 @@ CHIRP_SECONDS = 2.0
 CHIRP_HZ = (100.0, 4_000.0)  # linear sweep, start and end frequency
 CHIRP_AMPLITUDE = 0.5
 
-# HuBERT: fairseq hydra overrides ("+group=name" picks a registered dataclass); every size differs from mHuBERT base (12 layers, 768 dims, ...).
+# HuBERT: fairseq hydra overrides ("+group=name" picks a registered dataclass). Every size differs from
+# mHuBERT base (12 layers, 768 dims, 12 heads, FFN 3072, 7 conv layers of 512, conv_pos 128/16).
 HUBERT_LAYERS = 3
 UNIT_LAYER = 2  # fairseq output_layer (1-based) the k-means is fit on; < HUBERT_LAYERS on purpose
 # The reference reads long audio in slices of 1,600,000 samples; a small slice shows the same seams on
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         "features of all inputs, saved with joblib.dump",
         "hubert_outputs.safetensors": "<input>.layer<L>: float32 [T, D] fairseq extract_features("
         f"output_layer=L) for L in {list(FEATURE_LAYERS)}; <input>.layer{UNIT_LAYER}.chunked: the same, "
-        f"read in slices of {CHUNK_SAMPLES} samples as HubertFeatureReader does; <input>.units: int64 [T] km.predict of "
-        f"layer {UNIT_LAYER}; <input>.dedup: int64 runs collapsed",
+        f"read in slices of {CHUNK_SAMPLES} samples as HubertFeatureReader does; <input>.units: int64 [T] "
+        f"km.predict of layer {UNIT_LAYER}; <input>.dedup: int64 runs collapsed",
         f"vocoder/{VOCODER_CHECKPOINT}": 'fairseq CodeGenerator state dict, torch.save({"generator": sd}), '
         "legacy weight-norm keys (weight_g / weight_v)",
         "vocoder/config.json": "the vocoder's config (fairseq/speech-resynthesis fields)",
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
             "input_samples": {name: int(wav.shape[0]) for name, wav in inputs.items()},
         },
         "kmeans": {
-            "params": {k: v for k, v in KMEANS_PARAMS.items()},
+            "params": dict(KMEANS_PARAMS),
             "min_relative_margin": {k: round(v, 6) for k, v in margins.items()},
         },
         "vocoder": {"checkpoint": VOCODER_CHECKPOINT, "sequences": vocoder_info},
