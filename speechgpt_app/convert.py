@@ -365,8 +365,8 @@ def hubert_config_from_fairseq(cfg: Mapping[str, Any]) -> Any:
     mode = m.get("extractor_mode", "default")
     if mode not in modes:
         raise ConvertError(f"extractor_mode {mode!r} is not one of {sorted(modes)}")
-    if int(m.get("pos_conv_depth", 1)) != 1:
-        raise ConvertError("pos_conv_depth > 1 (data2vec-style positional convs) is not supported")
+    if int(m.get("pos_conv_depth", 1)) != 1 or m.get("conv_pos_batch_norm"):
+        raise ConvertError("positional convs with depth > 1 or batch norm (data2vec/wav2vec2 variants) are not supported")
     conv = parse_conv_layers(m["conv_feature_layers"])
     return HubertConfig(
         hidden_size=int(m["encoder_embed_dim"]),

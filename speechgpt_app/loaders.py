@@ -6,7 +6,7 @@ transfer from its `.part` file (HTTP Range), after checking free disk space. No 
 published for these files, so each file's sha256 is recorded in `hashes.json` beside it the
 first time it is seen (trust on first use: the hash is NOT verified against anything) and a
 later mismatch is refused. The language model and adapter stay on the Hugging Face Hub; the
-preset bundle refers to them by id and model.py fetches them into the HF cache.
+preset bundle refers to them by id and model.py fetches them (snapshot_download) into the HF cache.
 
 `HF_HUB_OFFLINE=1` forbids every download; a missing file then raises MissingWeightsError
 whose message names the file, its URL and the exact path to put it by hand.
@@ -116,10 +116,7 @@ class MissingWeightsError(RuntimeError):
 
     def __init__(self, what: str, url: str, path: Path, reason: str) -> None:
         self.url, self.path = url, Path(path)
-        super().__init__(
-            f"{what} is missing: {reason}. Download {url} and put it at {self.path} "
-            "(or run again online without HF_HUB_OFFLINE)."
-        )
+        super().__init__(f"{what} is not available: {reason}. To provide it by hand, download {url} to {self.path}")
 
 
 class DiskSpaceError(MissingWeightsError):
