@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from speechgpt_app.audio import load_audio
-from speechgpt_app.bundle import BundleInfo, locate, read_bundle
+from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
 from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
 from speechgpt_app.generate import (
     DO_SAMPLE,
@@ -191,6 +191,14 @@ class Request:
     options: Options
 
 
+def _bundle_options(bundle_dir: Path, info: BundleInfo) -> Options:
+    """The default options: the released settings, with the bundle's `generation` overrides."""
+    try:
+        return replace(Options(), **info.generation)
+    except ValueError as e:
+        raise BundleError(f"bundle {bundle_dir}: its generation settings are invalid: {e}") from e
+
+
 class Pipeline:
     """A loaded bundle (speech tokenizer, language model, vocoder) that answers turns."""
 
@@ -201,7 +209,7 @@ class Pipeline:
         self.lm = lm
         self.vocoder = vocoder
         self.script = script  # scripted.Script for the scripted test model, else None
-        self.default_options = replace(Options(), **info.generation)
+        self.default_options = _bundle_options(bundle_dir, info)
         self._lock = threading.Lock()
 
     @classmethod
@@ -227,6 +235,7 @@ class Pipeline:
 
         bundle_dir = resolve_model(model if model is not None else model_from_env())
         info = read_bundle(bundle_dir)
+        _bundle_options(bundle_dir, info)  # refuse bad settings before loading gigabytes
         speech_dir = bundle_dir / info.speech
         lm_location = locate(bundle_dir, info.lm)
         spec = LMSpec(
@@ -242,11 +251,14 @@ class Pipeline:
         speech = SpeechTokenizer.from_dir(speech_dir, device=lm.device)  # HuBERT beside the LM
         vocoder = Vocoder.from_dir(speech_dir / "vocoder", device=lm.device)
         if vocoder.n_units != speech.n_units:
-            from speechgpt_app.bundle import BundleError
-
             raise BundleError(
                 f"bundle {bundle_dir}: the vocoder reads {vocoder.n_units} units but the speech tokenizer "
                 f"writes {speech.n_units}"
+            )
+        if vocoder.sample_rate != info.sample_rate:
+            raise BundleError(
+                f"bundle {bundle_dir}: bundle.json says sample_rate {info.sample_rate} but the vocoder "
+                f"writes {vocoder.sample_rate} Hz"
             )
         script = Script.from_dir(lm_location) if isinstance(info.lm, str) else None
         return cls(bundle_dir, info, speech, lm, vocoder, script)

@@ -258,3 +258,20 @@ def test_one_turn_at_a_time(pipeline, lj_wav):
     switches = [i for i in range(1, len(log)) if names[i] != names[i - 1]]
     assert len(switches) == 1 and log[switches[0] - 1][1] is End  # one whole turn, then the other
     assert [kind for _, kind in log].count(End) == 2
+
+
+def test_bundle_generation_defaults_and_bad_values(bundle, tmp_path):
+    import json
+
+    from speechgpt_app.bundle import BUNDLE_FILE, BundleError
+
+    copy = tmp_path / "tuned"
+    shutil.copytree(bundle, copy)
+    raw = json.loads((copy / BUNDLE_FILE).read_text())
+    (copy / BUNDLE_FILE).write_text(json.dumps({**raw, "generation": {"temperature": 0.3, "top_k": 5}}))
+    tuned = Pipeline.load(copy, quant="none", device="cpu", precision="fp32")
+    assert (tuned.default_options.temperature, tuned.default_options.top_k) == (0.3, 5)
+    assert tuned.default_options.top_p == Options().top_p  # the rest stay the released defaults
+    (copy / BUNDLE_FILE).write_text(json.dumps({**raw, "generation": {"temperature": -1.0}}))
+    with pytest.raises(BundleError, match="temperature"):
+        Pipeline.load(copy, quant="none", device="cpu", precision="fp32")
