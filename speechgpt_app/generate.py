@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-# The released inference settings (SpeechGPT's speechgpt/src/infer/cli_infer.py).
+# The released inference settings (REFERENCE.md section 4; the paper used 0.8 / 0.8 / 60).
 DO_SAMPLE = True
 TEMPERATURE = 0.7
 TOP_P = 0.8

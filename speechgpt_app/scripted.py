@@ -127,8 +127,9 @@ class Script:
         answer holds (`[ta]`: the answer text; `[ua]`: the units), comparing text up to whitespace.
         """
         target_ids = tokenizer.encode(self.target(task), add_special_tokens=False)
-        resume = {
-            ANSWER_TAG: _render(tokenizer, format_answer(answer=self.answer, units=None if self.stop_after_text else self.units)),
+        answer_units = None if self.stop_after_text else self.units
+        resume = {  # the script from each tag on, as the tokenizer renders it
+            ANSWER_TAG: _render(tokenizer, format_answer(answer=self.answer, units=answer_units)),
             UNITS_TAG: _render(tokenizer, f"{UNITS_TAG} {units_to_text(self.units)}{EOA}"),
         }
 
@@ -137,9 +138,9 @@ class Script:
             if list(ids) == target_ids[:n]:
                 return target_ids[n] if n < len(target_ids) else tokenizer.eos_token_id
             text = decode(tokenizer, ids)
-            tag = max(resume, key=text.rfind)
+            tag = max(resume, key=text.rfind)  # the tag written last
             at = text.rfind(tag)
-            rest = _after(resume[tag][resume[tag].find(tag) :], text[at:]) if at >= 0 else None
+            rest = _after(resume[tag], text[at:]) if at >= 0 else None
             if not rest:
                 return tokenizer.eos_token_id
             return encode_continuation(tokenizer, rest, ids)[0]
