@@ -159,6 +159,27 @@ def test_top_p_keeps_the_smallest_head_that_reaches_p(values, p):
         mass += probs[i]
 
 
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(0, 40), p=st.floats(0.05, 1.0), t=st.floats(0.1, 2.0))
+def test_masks_keep_what_transformers_warpers_keep(seed, k, p, t):
+    """Same candidate set as `generate(do_sample=True, temperature, top_k, top_p)` would sample from."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed)) * 3
+    ours = mask_top_p(mask_top_k(logits[0] / t, k), p)
+    theirs = TemperatureLogitsWarper(t)(None, logits.clone())
+    if k > 0:
+        theirs = TopKLogitsWarper(k)(None, theirs)
+    theirs = TopPLogitsWarper(p)(None, theirs)[0] if p < 1 else theirs[0]
+    kept_ours, kept_theirs = torch.isfinite(ours), torch.isfinite(theirs)
+    near_edge = (ours.softmax(-1).sort(descending=True).values.cumsum(-1) - p).abs().min() < 1e-5
+    assert torch.equal(kept_ours, kept_theirs) or near_edge  # rounding may differ exactly at p
+
+
 def test_sampling_stays_inside_top_k():
     gen = make_generator(0)
     logits = torch.randn(100, generator=torch.Generator().manual_seed(1))
