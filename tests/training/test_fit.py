@@ -99,3 +99,50 @@ def test_stage1_refuses_units_beyond_its_vocabulary(tmp_path, tiny_base, unit_li
     cfg = replace(_stage1(tiny_base, unit_lines, tmp_path / "o"), n_units=8)
     with pytest.raises(DataFormatError, match="out of range"):
         stage1_pretrain.setup(cfg)
+
+
+def test_record_examples_mask_the_prefix_and_match_the_apps_tokenisation(tiny_base) -> None:
+    from speechgpt_app import prompt
+    from speechgpt_app.vocab import extend_tokenizer
+    from training.data.formats import Record
+    from training.examples import record_examples
+    from training.lm import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    extend_tokenizer(tok, N_UNITS, stage2=True)
+    user = prompt.user_message("transcribe", units=units_to_text([3, 1, 4]))
+    record = Record(prompt.SYSTEM_PROMPT, prompt.format_exchange(user, prompt.format_answer(heard="Hello there.")))
+    [ex] = record_examples([record], tok, block_size=512)
+    assert ex.input_ids == tok(record.prefix + record.plain_text).input_ids + [tok.eos_token_id]
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
+    assert tok.convert_ids_to_tokens(ex.input_ids[first]) == "[Human]"
+    assert all(label == IGNORE_INDEX for label in ex.labels[:first])
+    assert ex.labels[first:] == ex.input_ids[first:] and ex.labels[-1] == tok.eos_token_id
+    # The app's inference prompt for the same request is a prefix of the training sequence.
+    assert ex.input_ids[: len(tok(prompt.format_prompt(user)).input_ids)] == tok(prompt.format_prompt(user)).input_ids
+    [short] = record_examples([record], tok, block_size=first + 3)
+    assert len(short.input_ids) == first + 3
+
+
+def test_unit_blocks_pack_lines_with_eos(tiny_base) -> None:
+    from speechgpt_app.vocab import extend_tokenizer
+    from training.examples import unit_blocks
+    from training.lm import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    extend_tokenizer(tok, N_UNITS, stage2=False)
+    lines = [units_to_text(range(i, i + 10)) for i in range(5)]
+    blocks = unit_blocks(lines, tok, block_size=16)
+    stream = [t for b in blocks for t in b.input_ids]
+    assert all(len(b.input_ids) == 16 for b in blocks[:-1]) and blocks[-1].input_ids
+    assert stream.count(tok.eos_token_id) == 5 and stream.count(tok.bos_token_id) == 5
+    assert all(b.labels == b.input_ids for b in blocks)
+
+
+def test_a_missing_base_model_says_what_is_needed(tmp_path, unit_lines) -> None:
+    from training.lm import BaseModelError
+
+    for base in (str(tmp_path / "no-llama"), "nobody-xyz/no-such-llama"):
+        cfg = TrainConfig(base=base, data=str(unit_lines), out_dir=str(tmp_path / "o"), n_units=N_UNITS)
+        with pytest.raises(BaseModelError, match="LLaMA-7B.*convert_llama_weights_to_hf"):
+            stage1_pretrain.setup(cfg)
