@@ -530,7 +530,7 @@ def build_ui(
         gr.Markdown(model_md, elem_id="model-line")
 
         with gr.Row():
-            with gr.Column(scale=2, min_width=320):
+            with gr.Column(scale=2, min_width=320) as inputs_column:
                 audio_in = gr.Audio(
                     sources=["microphone", "upload"], type="filepath", label="Your question (speak or upload)",
                     elem_id="audio-in",
@@ -560,10 +560,10 @@ def build_ui(
                 )  # fmt: skip
                 timings = gr.Markdown("", elem_id="timings")
 
-        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="conversation")
+        chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="conversation")
         with gr.Row():
             export_btn = gr.Button("Export conversation (JSON)", size="sm", elem_id="export")
-            export_file = gr.File(label="Conversation JSON", interactive=False, elem_id="export-file")
+            export_file = gr.File(label="Conversation JSON", interactive=False, height=80, elem_id="export-file")
 
         with gr.Accordion("Settings", open=False):
             with gr.Row():
@@ -583,10 +583,11 @@ def build_ui(
         settings = [temperature, top_p, top_k, max_new, seed, output_mode]
 
         if examples:
-            gr.Examples(
-                examples=[[str(p)] for p in examples], inputs=[audio_in], outputs=panels, fn=example_turn,
-                cache_examples=True, cache_mode="lazy", label="Example recordings (answers cached)",
-            )  # fmt: skip
+            with inputs_column:  # under the inputs; built here because it needs the output panels
+                gr.Examples(
+                    examples=[[str(p)] for p in examples], inputs=[audio_in], outputs=panels, fn=example_turn,
+                    cache_examples=True, cache_mode="lazy", label="Example recordings (answers cached)",
+                )  # fmt: skip
 
         send_inputs = [audio_in, text_in, task, *settings, session]
         send_btn.click(send, send_inputs, turn_outputs, api_name="send")

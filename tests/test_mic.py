@@ -12,15 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from app_helpers import ANSWER, HEARD, scripted_bundle
 
 from speechgpt_app import mic
 from speechgpt_app.audio import resample
 from speechgpt_app.cli import build_parser
-from speechgpt_app.scripted import make_scripted_bundle
 
-HEARD = "unless a system is established"
-ANSWER = "Reviews keep it honest."
-UNITS = [(7 * i + 2) % 50 for i in range(30)]
 SILENCE_RMS = 1e-3
 
 
@@ -89,7 +86,7 @@ def keyboard(lines: list[str]) -> Callable[[str], str]:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_scripted_bundle(tmp_path_factory.mktemp("mic") / "bundle", HEARD, ANSWER, UNITS)
+    return scripted_bundle(tmp_path_factory)
 
 
 def chat(bundle: Path, card: FileCard, lines: list[str], capsys: pytest.CaptureFixture, *flags: str) -> tuple[int, str]:

@@ -6,29 +6,23 @@ opens its own client, which is its own browser session with its own conversation
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import av
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
+from app_helpers import ANSWER, HEARD, UNITS, running_app, scripted_bundle
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from speechgpt_app.scripted import make_scripted_bundle
 from speechgpt_app.units import units_to_text
 
-REPO = Path(__file__).resolve().parents[1]
-HEARD = "unless a system is established"
-ANSWER = "A review keeps the system honest."
-UNITS = [(11 * i + 5) % 50 for i in range(60)]
 CORRECTED = "unless a system is established for review"
 
 # Output positions of /send and /regenerate (ui.build_ui: panels, conversation, state, inputs).
@@ -37,33 +31,11 @@ SETTINGS = dict(temperature=0.7, top_p=0.8, top_k=50, max_new_tokens=512, seed=0
 SILENCE_RMS = 1e-3  # float samples: far below the scripted vocoder's output, far above decoder noise
 
 
-def load_app_module() -> ModuleType:
-    """app.py is a script at the repository root, not part of the package: load it from its path."""
-    spec = importlib.util.spec_from_file_location("speechgpt_root_app", REPO / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real app on a scripted bundle, on a free loopback port; yields its URL."""
-    bundle = make_scripted_bundle(tmp_path_factory.mktemp("ui") / "bundle", HEARD, ANSWER, UNITS)
-    app = load_app_module()
-    demo = app.create_app(model=str(bundle))
-    port = free_port()
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    """The real app on the scripted bundle; yields its URL."""
+    with running_app(scripted_bundle(tmp_path_factory)) as url:
+        yield url
 
 
 def client(url: str) -> Client:
@@ -211,8 +183,6 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
     with pytest.raises(AppError, match=r"(?i)read|audio|decode"):
         send(c, audio=str(not_audio))
     silent = tmp_path / "silent.wav"
-    import soundfile as sf
-
     sf.write(silent, np.zeros(16000 * 2, dtype=np.int16), 16000)
     with pytest.raises(AppError, match=r"(?i)silen"):
         send(c, audio=str(silent))

@@ -1,0 +1,125 @@
+"""The voice chat in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+Two ways in: speaking through Chromium's fake microphone (fed from a recording), and uploading a
+file. Both must fill the three live panels and give the answer player a source that decodes to
+audible speech. Screenshots go to docs/screenshots/ (the README shows the mid-answer one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from app_helpers import ANSWER, HEARD, REPO, UNITS, running_app, scripted_bundle
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from speechgpt_app.audio import resample
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; never `playwright install`
+SCREENSHOTS = REPO / "docs" / "screenshots"
+MIC_RATE = 48_000  # Chromium's fake capture device runs at 48 kHz
+RECORD_MS = 3_000  # how long the test "speaks" into the fake microphone
+TIMEOUT_MS = 90_000  # a turn on a busy 2-core CI machine
+SILENCE_RMS = 1e-3
+VIEWPORT = {"width": 1280, "height": 1500}
+
+# Decodes the answer player's audio (the stream's combined file, which its download link points
+# at) with Web Audio and measures it.
+DECODE_JS = """async (href) => {
+  const data = await (await fetch(href)).arrayBuffer();
+  const audio = await new OfflineAudioContext(1, 1, 16000).decodeAudioData(data);
+  const x = audio.getChannelData(0);
+  let sum = 0;
+  for (const v of x) sum += v * v;
+  return {seconds: audio.duration, rms: Math.sqrt(sum / x.length)};
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_app(scripted_bundle(tmp_path_factory)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, lj_wav: Path) -> Iterator[Browser]:
+    # The fake microphone plays a 16-bit WAV file at its own rate.
+    data, rate = sf.read(lj_wav, dtype="float32")
+    mic_wav = tmp_path_factory.mktemp("browser") / "mic.wav"
+    sf.write(mic_wav, resample(data, rate, MIC_RATE), MIC_RATE, subtype="PCM_16")
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic_wav}",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_page(browser: Browser, url: str) -> Page:
+    page = browser.new_context(viewport=VIEWPORT).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#audio-in")
+    return page
+
+
+def value_of(selector: str) -> str:
+    return f"document.querySelector('{selector} textarea').value"
+
+
+def wait_for_answer(page: Page, screenshot: str | None = None) -> dict:
+    """Wait for the three panels and the answer audio; return the decoded audio's measures."""
+    page.wait_for_function(f"{value_of('#heard')}.length > 0 && {value_of('#answer')}.length > 0")
+    if screenshot:  # as soon as the answer starts: the README's mid-answer picture
+        page.screenshot(path=str(SCREENSHOTS / screenshot), full_page=True)
+    page.wait_for_function(f"{value_of('#heard')} === {HEARD!r} && {value_of('#answer')} === {ANSWER!r}")
+    page.wait_for_function(f"document.querySelector('#units-count').innerText.includes('{len(UNITS)} speech units')")
+    page.wait_for_function("document.querySelector('#speech audio')?.src.length > 0")
+    # The turn is over when the conversation holds its question and answer.
+    page.wait_for_function("document.querySelectorAll('#conversation .message-row').length >= 2")
+    href = page.get_attribute("#speech a.download-link", "href")
+    assert href, "the answer player has no download link"
+    return page.evaluate(DECODE_JS, href)
+
+
+def check_audio(measure: dict) -> None:
+    assert measure["seconds"] > 0.5, measure  # 60 units at 50 per second is over a second
+    assert measure["rms"] > SILENCE_RMS, measure
+
+
+def test_speak_through_the_microphone(browser: Browser, server: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = open_page(browser, server)
+    page.click("#audio-in button.record-button")
+    page.wait_for_timeout(RECORD_MS)
+    page.click("#audio-in button.stop-button")  # "Send when I stop recording" is on by default
+    check_audio(wait_for_answer(page, screenshot="voice-chat-mid-answer.png"))
+    # The question's recording is in the conversation, playable.
+    assert page.locator("#conversation audio").count() >= 2
+    page.screenshot(path=str(SCREENSHOTS / "voice-chat-microphone.png"), full_page=True)
+
+
+def test_upload_a_file(browser: Browser, server: str, lj_wav: Path) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = open_page(browser, server)
+    page.click("#audio-in button[aria-label='Upload file']")
+    page.set_input_files("#audio-in input[type=file]", str(lj_wav))
+    page.wait_for_selector("#audio-in [data-testid='waveform-controls']")
+    page.click("#send")
+    check_audio(wait_for_answer(page))
+    page.screenshot(path=str(SCREENSHOTS / "voice-chat-upload.png"), full_page=True)
