@@ -276,7 +276,8 @@ def fit(
     val_loader = DataLoader(list(val), batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=collate)
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing also works when the inputs need no grad (a frozen LoRA base).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(
         _trainable_parameters(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
@@ -284,7 +285,11 @@ def fit(
     model, optimizer, loader, val_loader = acc.prepare(model, optimizer, loader, val_loader)
 
     start = 0
-    found = checkpoints(out_dir) if cfg.resume else []
+    found = checkpoints(out_dir)
+    if found and not cfg.resume:
+        raise FileExistsError(
+            f"{out_dir} already holds checkpoints ({found[-1].name}): resume (--resume true) or choose a new out_dir"
+        )
     if found:
         acc.load_state(str(found[-1]))
         start = json.loads((found[-1] / "trainer.json").read_text())["step"]
