@@ -284,16 +284,7 @@ def fit(
     )
     model, optimizer, loader, val_loader = acc.prepare(model, optimizer, loader, val_loader)
 
-    start = 0
-    found = checkpoints(out_dir)
-    if found and not cfg.resume:
-        raise FileExistsError(
-            f"{out_dir} already holds checkpoints ({found[-1].name}): resume (--resume true) or choose a new out_dir"
-        )
-    if found:
-        acc.load_state(str(found[-1]))
-        start = json.loads((found[-1] / "trainer.json").read_text())["step"]
-        acc.print(f"{stage}: resuming from {found[-1]} at step {start}")
+    start = _resume(acc, cfg, out_dir, per_step, stage)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     logger = _Logger(out_dir, start, acc.is_main_process, cfg.tensorboard)
@@ -311,19 +302,8 @@ def fit(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_losses = []
-        for _ in range(cfg.grad_accum):
-            batch = _next_batch(batches)
-            tokens += int(batch["attention_mask"].sum())
-            with acc.accumulate(model):
-                loss = model(**batch).loss
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            micro_losses.append(loss.detach().float())
-        step_loss = float(acc.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
+        step_loss, step_tokens = _train_step(acc, model, optimizer, batches, cfg)
+        tokens += step_tokens
         result.train_losses.append(step_loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
@@ -332,7 +312,7 @@ def fit(
             result.eval_loss = evaluate(acc, model, val_loader)
             logger.write(done, "eval", result.eval_loss, lr, tokens, time.perf_counter() - t0)
         if done == stop or (cfg.save_every and done % cfg.save_every == 0):
-            _save_checkpoint(acc, out_dir, done, cfg.keep_checkpoints)
+            _save_checkpoint(acc, out_dir, done, per_step, cfg.keep_checkpoints)
         result.step = done
     logger.close()
     result.tokens_per_process = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
@@ -342,17 +322,60 @@ def fit(
     if cfg.save_model:
         result.model_dir = save_model(acc, model, tokenizer, out_dir / MODEL_DIR)
         if acc.is_main_process:
-            summary = {
-                "stage": stage,
-                "config": to_dict(cfg),
-                "steps": result.step,
-                "processes": world,
-                "tokens_per_process": result.tokens_per_process,
-                "final_train_loss": result.train_losses[-1] if result.train_losses else None,
-                "final_eval_loss": result.eval_loss,
-            }
-            (result.model_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2))
+            _write_summary(result, cfg, stage, world)
     return result
+
+
+def _resume(acc, cfg: TrainConfig, out_dir: Path, per_step: int, stage: str) -> int:
+    """Load the newest checkpoint (model, optimizer, RNGs) and return its step; 0 when starting fresh."""
+    found = checkpoints(out_dir)
+    if not found:
+        return 0
+    if not cfg.resume:
+        raise FileExistsError(
+            f"{out_dir} already holds checkpoints ({found[-1].name}): resume (--resume true) or choose a new out_dir"
+        )
+    state = json.loads((found[-1] / "trainer.json").read_text())
+    if state.get("samples_per_step", per_step) != per_step:
+        # The data position is step x samples per step: another batch shape would replay or skip data.
+        raise ValueError(
+            f"{found[-1]} was written with {state['samples_per_step']} samples per step, this run has {per_step} "
+            "(micro_batch_size x grad_accum x processes): resume with the same shape"
+        )
+    acc.load_state(str(found[-1]))
+    acc.print(f"{stage}: resuming from {found[-1]} at step {state['step']}")
+    return state["step"]
+
+
+def _train_step(acc, model, optimizer, batches, cfg: TrainConfig) -> tuple[float, int]:
+    """One optimizer step over grad_accum micro-batches: (mean loss across processes, tokens seen here)."""
+    losses, tokens = [], 0
+    for _ in range(cfg.grad_accum):
+        batch = _next_batch(batches)
+        tokens += int(batch["attention_mask"].sum())
+        with acc.accumulate(model):  # syncs gradients (and steps) on the last micro-batch only
+            loss = model(**batch).loss
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.detach().float())
+    return float(acc.reduce(torch.stack(losses).mean(), reduction="mean")), tokens
+
+
+def _write_summary(result: FitResult, cfg: TrainConfig, stage: str, world: int) -> None:
+    """model/training.json: what produced these weights (export reads it into the bundle's provenance)."""
+    summary = {
+        "stage": stage,
+        "config": to_dict(cfg),
+        "steps": result.step,
+        "processes": world,
+        "tokens_per_process": result.tokens_per_process,
+        "final_train_loss": result.train_losses[-1] if result.train_losses else None,
+        "final_eval_loss": result.eval_loss,
+    }
+    (result.model_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2))
 
 
 def _next_batch(batches) -> dict[str, torch.Tensor]:
@@ -364,13 +387,13 @@ def _next_batch(batches) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _save_checkpoint(acc, out_dir: Path, step: int, keep: int) -> None:
+def _save_checkpoint(acc, out_dir: Path, step: int, per_step: int, keep: int) -> None:
     """accelerate state (model, optimizer, RNGs) + trainer.json, which marks the checkpoint complete."""
     path = out_dir / CHECKPOINTS / f"step-{step:06d}"
     acc.save_state(str(path))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (path / "trainer.json").write_text(json.dumps({"step": step}))
+        (path / "trainer.json").write_text(json.dumps({"step": step, "samples_per_step": per_step}))
         for old in checkpoints(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     acc.wait_for_everyone()
