@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from training.config import to_dict
 
@@ -298,6 +299,7 @@ def fit(
     t0 = time.perf_counter()
     tokens = 0
     stop = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    bar = tqdm(total=stop, initial=start, desc=stage, unit="step", disable=not acc.is_local_main_process)
     for step in range(start, stop):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -314,6 +316,9 @@ def fit(
         if done == stop or (cfg.save_every and done % cfg.save_every == 0):
             _save_checkpoint(acc, out_dir, done, per_step, cfg.keep_checkpoints)
         result.step = done
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+    bar.close()
     logger.close()
     result.tokens_per_process = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
     if result.step < cfg.max_steps:  # stopped early on purpose: the checkpoint is the output

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from training.fit import LoraArgs
@@ -20,19 +18,16 @@ class BaseModelError(FileNotFoundError):
 
 
 def resolve_base(base: str) -> str:
-    """A local model directory as is; otherwise a Hub id fetched into the cache (clear error offline)."""
-    if Path(base).is_dir():
-        if not (Path(base) / "config.json").is_file():
-            raise BaseModelError(f"{base} has no config.json: not a transformers model directory ({LLAMA_HELP})")
-        return base
-    if base.startswith((".", "/", "~")) or base.count("/") != 1:
-        raise BaseModelError(f"model directory {base} does not exist ({LLAMA_HELP})")
-    from huggingface_hub import snapshot_download
+    """A local model directory, or a Hub id fetched into the cache (model.resolve_location, as the app does)."""
+    from speechgpt_app.model import ModelLoadError, resolve_location
 
     try:
-        return snapshot_download(base, allow_patterns=["*.json", "*.model", "*.safetensors"])
-    except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
-        raise BaseModelError(f"could not fetch {base} from the Hugging Face Hub ({e}); {LLAMA_HELP}") from e
+        path = resolve_location(base, "base model")
+    except ModelLoadError as e:
+        raise BaseModelError(f"{e} ({LLAMA_HELP})") from e
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"{path} has no config.json: not a transformers model directory ({LLAMA_HELP})")
+    return str(path)
 
 
 def load_tokenizer(path: str, n_units: int | None = None, stage2: bool = True):
