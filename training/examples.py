@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import TypeVar
 
-from training.data.formats import Record
+from training.data.formats import Record, answer_start
 from training.fit import IGNORE_INDEX, Example
 
 log = logging.getLogger(__name__)
@@ -36,17 +36,23 @@ def unit_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Exampl
 def record_examples(records: Sequence[Record], tokenizer, block_size: int) -> list[Example]:
     """Stages 2-3: `<s> prefix plain_text </s>`, the loss masked on the prefix, cut to `block_size`.
 
-    The record is tokenised in one piece, as the app tokenises its prompt (SpeechGPT's added tokens
-    strip the whitespace around them, so the prefix's final newline merges into `[Human]`); the
-    tokens that end inside the prefix, found from the character offsets, get no loss.
+    Tokenised exactly as the app will see it: `prefix` + the exchange up to `[SpeechGPT]: ` in one
+    piece (the app's prompt, so its ids are a prefix of the training ids), then the answer as
+    generate.encode_continuation writes text that follows the prompt. SpeechGPT's added tokens strip
+    the whitespace around them, so the prefix's final newline merges into `[Human]`; the tokens that
+    end inside the prefix, found from the character offsets, get no loss.
     """
+    from speechgpt_app.generate import encode_continuation
+
     examples, cut = [], 0
     for r in records:
-        enc = tokenizer(r.prefix + r.plain_text, return_offsets_mapping=True)
-        ids = list(enc.input_ids) + [tokenizer.eos_token_id]
+        start = answer_start(r.plain_text)
+        head = tokenizer(r.prefix + r.plain_text[:start], return_offsets_mapping=True)
+        answer = encode_continuation(tokenizer, r.plain_text[start:], head.input_ids)
+        ids = list(head.input_ids) + answer + [tokenizer.eos_token_id]
         n_special = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
         # `[Human]`'s span includes the newline it absorbed, so a token is the prefix's if it ends inside it.
-        ends = [end for _, end in enc.offset_mapping[n_special:]]
+        ends = [end for _, end in head.offset_mapping[n_special:]]
         n_prefix = n_special + next((i for i, end in enumerate(ends) if end > len(r.prefix)), len(ends))
         labels = [IGNORE_INDEX] * n_prefix + ids[n_prefix:]
         cut += len(ids) > block_size

@@ -101,7 +101,16 @@ def test_stage1_refuses_units_beyond_its_vocabulary(tmp_path, tiny_base, unit_li
         stage1_pretrain.setup(cfg)
 
 
-def test_record_examples_mask_the_prefix_and_match_the_apps_tokenisation(tiny_base) -> None:
+@pytest.mark.parametrize(
+    "task, output, units, text, answer",
+    [
+        ("transcribe", "text", [3, 1, 4], None, {"heard": "Hello there."}),
+        ("speak", "speech+text", None, "Hello there.", {"units": [5, 9]}),
+        ("chat", "speech+text", [3, 1], None, {"heard": "Hi?", "answer": "The sky.", "units": [2, 7]}),
+        ("chat", "text", None, "Hi?", {"answer": "The sky."}),
+    ],
+)
+def test_record_examples_train_what_the_app_prompts(tiny_base, task, output, units, text, answer) -> None:
     from speechgpt_app import prompt
     from speechgpt_app.vocab import extend_tokenizer
     from training.data.formats import Record
@@ -110,16 +119,20 @@ def test_record_examples_mask_the_prefix_and_match_the_apps_tokenisation(tiny_ba
 
     tok = load_tokenizer(str(tiny_base))
     extend_tokenizer(tok, N_UNITS, stage2=True)
-    user = prompt.user_message("transcribe", units=units_to_text([3, 1, 4]))
-    record = Record(prompt.SYSTEM_PROMPT, prompt.format_exchange(user, prompt.format_answer(heard="Hello there.")))
+    user = prompt.user_message(task, output, units=units_to_text(units) if units else None, text=text, style="explicit")
+    record = Record(prompt.SYSTEM_PROMPT, prompt.format_exchange(user, prompt.format_answer(**answer)))
     [ex] = record_examples([record], tok, block_size=512)
-    assert ex.input_ids == tok(record.prefix + record.plain_text).input_ids + [tok.eos_token_id]
+    # The app's inference prompt for this request is a prefix of the training sequence, token for token.
+    app_ids = tok(prompt.format_prompt(user)).input_ids
+    assert ex.input_ids[: len(app_ids)] == app_ids
+    decoded = tok.decode(ex.input_ids[len(app_ids) :], skip_special_tokens=True)
+    # Added tokens decode with the tokenizer's own spacing around them; the characters are the answer's.
+    assert decoded.replace(" ", "") == prompt.format_answer(**answer).replace(" ", "")
+    assert ex.input_ids[-1] == tok.eos_token_id
+    # No loss on the system prompt; everything from `[Human]` on is trained.
     first = next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
     assert tok.convert_ids_to_tokens(ex.input_ids[first]) == "[Human]"
-    assert all(label == IGNORE_INDEX for label in ex.labels[:first])
-    assert ex.labels[first:] == ex.input_ids[first:] and ex.labels[-1] == tok.eos_token_id
-    # The app's inference prompt for the same request is a prefix of the training sequence.
-    assert ex.input_ids[: len(tok(prompt.format_prompt(user)).input_ids)] == tok(prompt.format_prompt(user)).input_ids
+    assert ex.labels[first:] == ex.input_ids[first:]
     [short] = record_examples([record], tok, block_size=first + 3)
     assert len(short.input_ids) == first + 3
 

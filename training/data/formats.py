@@ -49,6 +49,14 @@ def split_exchange(plain_text: str) -> tuple[str, str]:
     return m.group("user"), m.group("answer")
 
 
+def answer_start(plain_text: str) -> int:
+    """Where the answer begins in an exchange: just after `[SpeechGPT]: ` (any spacing variant)."""
+    m = _EXCHANGE.match(plain_text)
+    if not m:
+        raise DataFormatError(f"not a '[Human]: ... <eoh> [SpeechGPT]: ...' exchange: {plain_text[:120]!r}")
+    return m.start("answer")
+
+
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
