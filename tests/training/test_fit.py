@@ -75,7 +75,8 @@ def _train_rows(out: Path) -> list[tuple[int, float]]:
 
 
 def test_resume_continues_the_step_count_and_matches_an_unbroken_run(tmp_path, tiny_base, unit_lines) -> None:
-    whole = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "whole"))
+    whole = stage1_pretrain.setup(replace(_stage1(tiny_base, unit_lines, tmp_path / "whole"), tensorboard=True))
+    assert list((tmp_path / "whole" / "tb").glob("events.out.tfevents.*"))  # TensorBoard is installed here
     first = stage1_pretrain.setup(_stage1(tiny_base, unit_lines, tmp_path / "broken", stop_at_step=3))
     assert first.step == 3 and first.model_dir is None  # stopped early: only a checkpoint
     assert [p.name for p in checkpoints(tmp_path / "broken")] == ["step-000002", "step-000003"]
