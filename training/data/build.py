@@ -404,29 +404,19 @@ def build_synth_corpus(texts: str, out_dir: str, workers: int, seed: int, backen
     return out
 
 
-def _features(entry: ManifestEntry) -> np.ndarray:
-    from speechgpt_app.audio import AudioLimits, load_audio
-
-    wav = load_audio(entry.audio, limits=AudioLimits(max_seconds=MAX_SECONDS))
-    return _WORKER["extractor"](_as_tensor(wav)).numpy()
-
-
-def _as_tensor(wav: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(wav))
-
-
 def fit_speech_dir(manifest: str, out: str, n_units: int, seed: int, max_frames: int = KMEANS_MAX_FRAMES) -> Path:
     """A `logmel` speech tokenizer whose centres are units.kmeans of the manifest audio's frames."""
     import torch
 
+    from speechgpt_app.audio import AudioLimits, load_audio
     from speechgpt_app.units import SpeechConfig, SpeechTokenizer, extractor_from_config, kmeans
 
     config = SpeechConfig(n_units=n_units, features={"type": "logmel"})
     extractor = extractor_from_config(config, out)
-    _WORKER["extractor"] = extractor
-    frames = np.concatenate([_features(e) for e in _manifest(manifest, False)])
+    limits = AudioLimits(max_seconds=MAX_SECONDS)
+    frames = np.concatenate(
+        [extractor(torch.from_numpy(load_audio(e.audio, limits=limits))).numpy() for e in _manifest(manifest, False)]
+    )
     if len(frames) > max_frames:  # a seeded sample keeps k-means time bounded on large corpora
         frames = frames[np.random.default_rng(seed).choice(len(frames), max_frames, replace=False)]
     centres = kmeans(torch.from_numpy(frames), n_units, seed=seed)
