@@ -18,6 +18,7 @@ import _compat_pickle
 import argparse
 import ast
 import enum
+import importlib
 import logging
 import operator
 import os
@@ -171,14 +172,10 @@ def _allowed_global(module: str, name: str, stub_prefixes: tuple[str, ...]) -> A
 
         return getattr(numpy.dtypes, name)
     if module in _OMEGACONF_MODULES:
-        import importlib
-
         obj = getattr(importlib.import_module(module), name, None)
         if isinstance(obj, type) and obj.__module__.startswith("omegaconf"):
             return obj
     if (module, name) in _ALLOWED:
-        import importlib
-
         return getattr(importlib.import_module(module), name)
     raise UnsafePickleError(
         f"refusing to unpickle {module}.{name}: it is not on the allow-list of plain data, "
