@@ -68,3 +68,12 @@ def test_bad_arguments_fail_clearly(argv: list[str], message: str) -> None:
 def test_missing_required_field() -> None:
     with pytest.raises(ConfigError, match="base"):
         parse_args(TrainConfig, ["--data", "d", "--out_dir", "o"])
+
+
+@pytest.mark.parametrize("name, kind", [("single_gpu", "NO"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED"), ("cpu_2proc", "MULTI_GPU")])
+def test_accelerate_configs_load(name: str, kind: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(RECIPES.parent / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.name == kind
+    assert cfg.mixed_precision == ("no" if name == "cpu_2proc" else "bf16")
