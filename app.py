@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -87,17 +89,39 @@ def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None
         return None, f"{model}: {exc}"
 
 
+@contextmanager
+def examples_cache_for(pipeline: Pipeline | None) -> Iterator[None]:
+    """Cache example answers per model: Gradio's default folder (.gradio/cached_examples/<n>) would
+    serve one model's cached answers for another. Gradio reads the folder when the page is built."""
+    if pipeline is None:
+        yield
+        return
+    bundle = Path(pipeline.bundle_dir).resolve()
+    stamp = (bundle / "bundle.json").stat().st_mtime_ns
+    key = hashlib.sha256(f"{__version__}|{bundle}|{stamp}".encode()).hexdigest()[:12]
+    before = os.environ.get("GRADIO_EXAMPLES_CACHE")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(cache_root() / "cached_examples" / key)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GRADIO_EXAMPLES_CACHE"]
+        else:
+            os.environ["GRADIO_EXAMPLES_CACHE"] = before
+
+
 def create_app(model: str | None = None, quant: str | None = None) -> gr.Blocks:
     """The whole app: pipeline, page and queue, ready to launch."""
     pipeline, unavailable = load_pipeline(model, quant)
     label = LABEL if pipeline is not None and pipeline.script is not None else None
-    demo = build_ui(
-        pipeline,
-        label=label,
-        unavailable=unavailable,
-        examples=sorted(EXAMPLES_DIR.glob("*.wav")),
-        gpu=spaces_compat.gpu(),
-    )
+    with examples_cache_for(pipeline):
+        demo = build_ui(
+            pipeline,
+            label=label,
+            unavailable=unavailable,
+            examples=sorted(EXAMPLES_DIR.glob("*.wav")),
+            gpu=spaces_compat.gpu(),
+        )
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
 
 

@@ -8,6 +8,7 @@ keeps its own conversation in a `gr.State`; nothing here parses model output or 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 import json
@@ -509,14 +510,16 @@ def build_ui(
         )  # fmt: skip
 
     @on_gpu
-    def example_turn(audio: str) -> Iterator[tuple[Any, ...]]:
-        live = LiveTurn()
-        for live, chunk in app.run_turn(None, audio=audio, text=None, history=(), options=defaults):
-            yield _panels(live, chunk)
+    def example_turn(audio: str) -> tuple[Any, ...]:
+        # Cached once, then shown whole: no streaming (Gradio caches a function's final value).
+        updates = app.run_turn(None, audio=audio, text=None, history=(), options=defaults)
+        live = collections.deque(updates, maxlen=1)[0][0]  # the same LiveTurn, after the last event
+        whole = np.concatenate(live.chunks) if live.chunks else None
+        return _panels(live, whole) if whole is not None else (*_panels(live, None)[:4], None, timings_line(live.timings))
 
     def clear(request: gr.Request) -> tuple[Any, ...]:
         app.stop(request)
-        return ("", "", units_summary([]), "", None, "", [], Session(), None, "", None)
+        return ("", "", units_summary([]), "", None, "", [], Session(), None, "", gr.File(None, visible=False))
 
     def export(session: Session) -> str:
         return app.export(session, description)
@@ -563,7 +566,7 @@ def build_ui(
         chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="conversation")
         with gr.Row():
             export_btn = gr.Button("Export conversation (JSON)", size="sm", elem_id="export")
-            export_file = gr.File(label="Conversation JSON", interactive=False, height=80, elem_id="export-file")
+            export_file = gr.File(label="Conversation JSON", interactive=False, visible=False, elem_id="export-file")
 
         with gr.Accordion("Settings", open=False):
             with gr.Row():
@@ -597,5 +600,9 @@ def build_ui(
         # Stop and Clear skip the queue: they must act while a turn holds the only worker.
         stop_btn.click(app.stop, None, None, queue=False, api_name="stop")
         clear_btn.click(clear, None, [*turn_outputs, export_file], queue=False, api_name="clear")
-        export_btn.click(export, [session], [export_file], api_name="export")
+        # The file box stays hidden until it has something in it (a second step keeps the API's
+        # /export returning a plain file).
+        export_btn.click(export, [session], [export_file], api_name="export").success(
+            lambda: gr.File(visible=True), None, export_file, api_visibility="private"
+        )
     return demo

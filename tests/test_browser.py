@@ -41,7 +41,7 @@ DECODE_JS = """async (href) => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_app(scripted_bundle(tmp_path_factory)) as url:
+    with running_app(scripted_bundle(tmp_path_factory), tmp_path_factory.mktemp("hf_home")) as url:
         yield url
 
 
@@ -123,3 +123,11 @@ def test_upload_a_file(browser: Browser, server: str, lj_wav: Path) -> None:
     page.click("#send")
     check_audio(wait_for_answer(page))
     page.screenshot(path=str(SCREENSHOTS / "voice-chat-upload.png"), full_page=True)
+
+
+def test_cached_example(browser: Browser, server: str) -> None:
+    page = open_page(browser, server)
+    page.click("text=LJ050-0131.wav")  # the example under the inputs: runs once, then comes from the cache
+    page.wait_for_function(f"{value_of('#heard')} === {HEARD!r} && {value_of('#answer')} === {ANSWER!r}")
+    page.wait_for_selector("#speech a.download-link")
+    check_audio(page.evaluate(DECODE_JS, page.get_attribute("#speech a.download-link", "href")))

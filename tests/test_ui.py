@@ -17,10 +17,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from app_helpers import ANSWER, HEARD, UNITS, running_app, scripted_bundle
+from app_helpers import ANSWER, HEARD, UNITS, load_app_module, running_app, scripted_bundle
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from speechgpt_app.scripted import LABEL
 from speechgpt_app.units import units_to_text
 
 CORRECTED = "unless a system is established for review"
@@ -34,7 +35,7 @@ SILENCE_RMS = 1e-3  # float samples: far below the scripted vocoder's output, fa
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real app on the scripted bundle; yields its URL."""
-    with running_app(scripted_bundle(tmp_path_factory)) as url:
+    with running_app(scripted_bundle(tmp_path_factory), tmp_path_factory.mktemp("hf_home")) as url:
         yield url
 
 
@@ -189,3 +190,22 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
     with pytest.raises(AppError, match="speak task answers in speech"):
         send(c, text="say this", task="Speak this text", output="Text only")
     assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
+
+
+def test_default_model_is_the_scripted_model_built_once_and_labelled(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
+    app = load_app_module()
+    built = app.default_model()
+    assert built.parent == tmp_path / "speechgpt"
+    stamp = (built / "bundle.json").stat().st_mtime_ns
+    assert app.default_model() == built and (built / "bundle.json").stat().st_mtime_ns == stamp  # reused
+    demo = app.create_app()
+    texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    assert any(isinstance(t, str) and LABEL in t and "scripted-test-model" in t for t in texts)
+
+
+def test_missing_model_is_said_on_every_turn(tmp_path: Path) -> None:
+    with running_app(tmp_path / "no-such-bundle", tmp_path / "hf") as url:
+        with pytest.raises(AppError, match="model is not available"):
+            send(client(url), text="hello?")
