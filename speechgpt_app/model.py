@@ -7,7 +7,9 @@ description. The released `-cm` weights are fp32 `pytorch_model*.bin` pickles (~
 are converted once, shard by shard, to bf16 safetensors under `$HF_HOME/speechgpt/converted/`.
 
 Choices:
-- precision `auto` = bf16 everywhere (LLaMA was trained in bf16; fp32 only when asked).
+- precision `auto` = bf16 on CUDA and for large models on CPU (LLaMA was trained in bf16, and the
+  released 7B's fp32 weights, 27 GB, do not fit a 24 GB machine); fp32 for small models on CPU, where
+  bf16 matrix multiplies are several times slower than fp32 ones and memory is no concern.
 - quant `auto` = NF4 on CUDA (a 7B fits in ~4 GB), none on CPU.
 - A LoRA adapter on a quantised base is kept apart (a `PeftModel`), not merged: merging needs the base
   dequantised (a full bf16 copy, ~13 GB for 7B, then requantised with new rounding), while an unmerged
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Quant = Literal["auto", "none", "nf4", "int8", "int4"]
 QUANT_ENV = "SPEECHGPT_QUANT"  # default quantisation for entry points (see quant_from_env)
+# On CPU, `auto` precision picks bf16 only from this size up (memory matters more than speed there).
+CPU_BF16_MIN_PARAMS = 1_000_000_000
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INT4_GROUP_SIZE = 128  # torchao int4 weight-only: one scale per 128 input channels
 CONVERTED_SUBDIR = Path("speechgpt") / "converted"  # under $HF_HOME, beside the Hub cache
@@ -55,7 +59,7 @@ class LMSpec:
 
     path: local directory or Hub id of the full model (config + weights + usually the tokenizer).
     adapter: local directory or Hub id of a PEFT LoRA adapter, or None.
-    precision: dtype of the weights (and of NF4's compute); `auto` = bf16.
+    precision: dtype of the weights (and of NF4's compute); `auto`: see resolve_precision.
     quant: `auto` (NF4 on CUDA, none on CPU), `none`, `nf4` (bitsandbytes, also on CPU), `int8`
         (bitsandbytes LLM.int8, CUDA only), `int4` (torchao int4 weight-only, CUDA only).
     merge_adapter: merge the LoRA into the weights (only possible without quantisation).
@@ -102,13 +106,12 @@ def quant_from_env(default: Quant = "auto") -> Quant:
 def load_lm(spec: LMSpec) -> LoadedLM:
     """Load tokenizer + LlamaForCausalLM (+ LoRA) as `spec` says; raise `ModelLoadError` if it cannot."""
     device = resolve_device(spec.device)
-    dtype = DTYPES["bf16" if spec.precision == "auto" else spec.precision]
     quant = resolve_quant(spec.quant, device)
-
     model_dir = resolve_location(spec.path, "language model")
     adapter_dir = resolve_location(spec.adapter, "LoRA adapter", adapter=True) if spec.adapter else None
     tokenizer = _load_checked_tokenizer(adapter_dir, model_dir, spec.n_units)
     _check_rows(model_dir, len(tokenizer))  # before reading gigabytes of weights
+    dtype = DTYPES[resolve_precision(spec.precision, device, model_dir, quant)]
     weights_dir = ensure_safetensors(model_dir, _cache_name(spec.path, model_dir))
 
     model = _load_weights(weights_dir, dtype, quant, device)
@@ -238,6 +241,24 @@ def _load_checked_tokenizer(adapter_dir: Path | None, model_dir: Path, n_units: 
     except VocabularyError as e:
         raise ModelLoadError(f"the tokenizer in {source} does not fit: {e}") from e
     return tokenizer
+
+
+def resolve_precision(precision: Precision, device: torch.device, model_dir: Path, quant: str = "none") -> str:
+    """`auto` -> bf16 on CUDA, with quantisation (NF4 computes in bf16), or for models of
+    CPU_BF16_MIN_PARAMS and more on CPU; fp32 for small unquantised models on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or quant != "none":
+        return "bf16"
+    return "bf16" if _estimate_params(model_dir) >= CPU_BF16_MIN_PARAMS else "fp32"
+
+
+def _estimate_params(model_dir: Path) -> int:
+    """Parameter count of a Llama from its config.json (embeddings, attention, MLP), without the weights."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
+    per_layer = 4 * hidden * hidden + 3 * hidden * cfg.get("intermediate_size", 4 * hidden)
+    return 2 * cfg.get("vocab_size", 0) * hidden + layers * per_layer
 
 
 def _check_rows(model_dir: Path, n_tokens: int) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechgpt_app.audio import load_audio
+from speechgpt_app.audio import limits_from_env, load_audio
 from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
 from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
 from speechgpt_app.generate import (
@@ -210,6 +210,7 @@ class Pipeline:
         self.vocoder = vocoder
         self.script = script  # scripted.Script for the scripted test model, else None
         self.default_options = _bundle_options(bundle_dir, info)
+        self.limits = limits_from_env()  # input length limits; SPEECHGPT_MAX_SECONDS raises the 20 s cap
         self._lock = threading.Lock()
 
     @classmethod
@@ -224,7 +225,7 @@ class Pipeline:
         """Load a bundle directory or preset (default `$SPEECHGPT_MODEL`).
 
         `quant` defaults to `$SPEECHGPT_QUANT` or "auto" (NF4 on CUDA, none on CPU); `precision` to
-        "auto" (bf16); `device` to CUDA when available. Raises loaders.ModelNameError,
+        "auto" (model.resolve_precision); `device` to CUDA when available. Raises loaders.ModelNameError,
         loaders.MissingWeightsError, bundle.BundleError or model.ModelLoadError with plain messages.
         """
         from speechgpt_app.loaders import resolve_model
@@ -327,7 +328,7 @@ class Pipeline:
             raise PromptError("give either audio or text, not both")
         units = None
         if audio is not None:
-            units = units_to_text(self.speech.encode(load_audio(audio)))
+            units = units_to_text(self.speech.encode(load_audio(audio, limits=self.limits)))
         user = user_message(options.task, options.output, units=units, text=text, style=self.info.prompt_style)
         reserve = min(options.max_new_tokens, self.context_length // 2)
         plan = build_prompt(user, history, self.count_tokens, self.context_length - reserve)

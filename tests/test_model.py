@@ -20,6 +20,7 @@ from speechgpt_app.model import (
     converted_dir,
     load_lm,
     quant_from_env,
+    resolve_precision,
     resolve_quant,
 )
 from speechgpt_app.vocab import PAD_ID
@@ -67,14 +68,31 @@ def test_quant_from_env(monkeypatch):
         quant_from_env()
 
 
-def test_auto_is_bf16_without_quantisation_on_cpu(fp32_logits):
+def test_auto_on_cpu_is_fp32_for_small_models_without_quantisation(fp32_logits):
     lm = load_lm(LMSpec(tiny_lm_dir(N_UNITS), device="cpu"))
-    assert (lm.dtype, lm.quant, lm.device, lm.n_units) == (torch.bfloat16, "none", torch.device("cpu"), N_UNITS)
-    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
-    assert lm.description == f"{tiny_lm_dir(N_UNITS)}, bf16, cpu"
+    assert (lm.dtype, lm.quant, lm.device, lm.n_units) == (torch.float32, "none", torch.device("cpu"), N_UNITS)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}
+    assert lm.description == f"{tiny_lm_dir(N_UNITS)}, fp32, cpu"
     assert not lm.model.training
     assert not any(p.requires_grad for p in lm.model.parameters())
     assert lm.tokenizer.pad_token_id == PAD_ID and lm.tokenizer.padding_side == "left"
+    torch.testing.assert_close(logits(lm), fp32_logits)
+
+
+def test_auto_precision_is_bf16_for_large_models_on_cpu_and_on_cuda(tmp_path):
+    # A 7B-shaped config.json is enough: the choice is made before any weight is read.
+    llama7b = {"vocab_size": 33006, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008}
+    (tmp_path / "config.json").write_text(json.dumps(llama7b))
+    assert resolve_precision("auto", torch.device("cpu"), tmp_path) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda"), Path(tiny_lm_dir(N_UNITS))) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu"), Path(tiny_lm_dir(N_UNITS))) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu"), tmp_path) == "fp16"
+
+
+def test_bf16_on_request(fp32_logits):
+    lm = load_lm(LMSpec(tiny_lm_dir(N_UNITS), precision="bf16", device="cpu"))
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert lm.description == f"{tiny_lm_dir(N_UNITS)}, bf16, cpu"
     assert relative_error(logits(lm), fp32_logits) < 0.02
 
 
@@ -133,7 +151,7 @@ def test_fp32_bin_is_converted_once_to_bf16_safetensors(tmp_path, monkeypatch):
     convert = model_module.convert_bin_to_bf16_safetensors
     monkeypatch.setattr(model_module, "convert_bin_to_bf16_safetensors", lambda *a: calls.append(a) or convert(*a))
     src = sharded_bin_dir(N_UNITS)
-    first = load_lm(LMSpec(src, device="cpu"))
+    first = load_lm(LMSpec(src, precision="bf16", device="cpu"))
     assert len(calls) == 1
     (dest,) = (tmp_path / "hf" / "speechgpt" / "converted").iterdir()
     assert dest.name.endswith("--bf16") and dest == calls[0][1]
@@ -146,9 +164,9 @@ def test_fp32_bin_is_converted_once_to_bf16_safetensors(tmp_path, monkeypatch):
     assert json.loads((dest / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not list(dest.parent.glob("*.partial-*"))
 
-    second = load_lm(LMSpec(src, device="cpu"))
+    second = load_lm(LMSpec(src, precision="bf16", device="cpu"))
     assert len(calls) == 1  # reused, not converted again
-    reference = load_lm(LMSpec(tiny_lm_dir(N_UNITS), device="cpu"))  # same weights, safetensors, cast on load
+    reference = load_lm(LMSpec(tiny_lm_dir(N_UNITS), precision="bf16", device="cpu"))  # same weights, safetensors, cast on load
     torch.testing.assert_close(logits(first), logits(reference), rtol=0, atol=0)
     torch.testing.assert_close(logits(second), logits(reference), rtol=0, atol=0)
 
