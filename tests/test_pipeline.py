@@ -195,6 +195,14 @@ def test_bad_input_raises_before_any_event(pipeline, tmp_path):
         Options(task="speak", output="text")
 
 
+def test_max_seconds_comes_from_the_environment(bundle, lj_wav, monkeypatch):
+    monkeypatch.setenv("SPEECHGPT_MAX_SECONDS", "5")  # the LJ clip is 7.66 s
+    short = Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+    with pytest.raises(AudioError) as err:
+        short.respond(audio=lj_wav)
+    assert err.value.kind == "too_long"
+
+
 def test_timings_from_events(pipeline, lj_wav):
     timings = Timings()
     events = list(pipeline.respond(audio=lj_wav))
