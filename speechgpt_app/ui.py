@@ -50,6 +50,8 @@ INT16_SCALE = 32767
 # repeated exactly (an empty seed box means a fresh random seed, recorded in the export).
 DEFAULT_SEED = 0
 
+OUT_OF_MEMORY = "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation."
+
 # The libraries whose versions go into an exported conversation.
 EXPORT_LIBRARIES = ("torch", "transformers", "peft", "gradio", "numpy")
 
@@ -172,10 +174,7 @@ def friendly_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, ValueError):  # bad input: audio.AudioError, prompt.PromptError, option values
         return gr.Error(str(exc), title="Can't answer this")
     if isinstance(exc, torch.OutOfMemoryError):
-        return gr.Error(
-            "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation.",
-            title="Out of memory",
-        )
+        return gr.Error(OUT_OF_MEMORY, title="Out of memory")
     log.exception("turn failed")
     return gr.Error(f"Something went wrong: {exc}", title="Error")
 
@@ -277,8 +276,15 @@ class ChatApp:
             # A closed page stops its turn too: otherwise the model would keep the GPU busy.
             cancel.set()
             self._release_flag(session_id, cancel)
-        if live.end is not None and live.end.problems:
-            gr.Warning("The model's output had problems: " + "; ".join(live.end.problems))
+        end = live.end
+        if end is not None and end.reason == "error":
+            # The pipeline ends a turn that failed mid-generation with End("error", (message,)).
+            message = "; ".join(end.problems)
+            if "OutOfMemoryError" in message:
+                raise gr.Error(OUT_OF_MEMORY, title="Out of memory")
+            raise gr.Error(f"The answer failed: {message}", title="Error")
+        if end is not None and end.problems:
+            gr.Warning("The model's output had problems: " + "; ".join(end.problems))
 
     def record(
         self,

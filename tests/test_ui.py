@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from app_helpers import ANSWER, HEARD, UNITS, load_app_module, running_app, scripted_bundle
+from app_helpers import ANSWER, HEARD, UNITS, free_port, load_app_module, running_app, scripted_bundle
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -175,6 +175,16 @@ def test_stop_ends_the_turn_early(server: str, lj_wav: Path) -> None:
     assert len(turn["units"]) < len(UNITS)
 
 
+def test_text_only_output_and_transcribe_task(server: str, lj_wav: Path) -> None:
+    c = client(server)
+    text_only = send(c, text="what is it?", output="Text only")
+    assert text_only[-1][ANSWER_OUT] == ANSWER
+    assert not any(is_stream(u[SPEECH_OUT]) for u in text_only)
+    transcribed = send(c, audio=str(lj_wav), task="Transcribe only")
+    assert transcribed[-1][HEARD_OUT] == HEARD and transcribed[-1][ANSWER_OUT] == ""
+    assert [t["task"] for t in export(c)["turns"]] == ["chat", "transcribe"]
+
+
 def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_path: Path) -> None:
     c = client(server)
     with pytest.raises(AppError, match="Record or upload a question"):
@@ -209,3 +219,29 @@ def test_missing_model_is_said_on_every_turn(tmp_path: Path) -> None:
     with running_app(tmp_path / "no-such-bundle", tmp_path / "hf") as url:
         with pytest.raises(AppError, match="model is not available"):
             send(client(url), text="hello?")
+
+
+def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_factory) -> None:
+    import torch
+
+    from speechgpt_app.pipeline import Pipeline
+    from speechgpt_app.ui import build_ui
+
+    pipeline = Pipeline.load(str(scripted_bundle(tmp_path_factory)))
+    demo = build_ui(pipeline).queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        c = client(f"http://127.0.0.1:{port}/")
+        model = pipeline.lm.model
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        model.forward = out_of_memory  # the GPU fills up in the middle of a turn
+        with pytest.raises(AppError, match="GPU ran out of memory"):
+            send(c, text="hello?")
+        del model.forward  # memory is back
+        assert send(c, text="hello again?")[-1][ANSWER_OUT] == ANSWER
+    finally:
+        demo.close()
