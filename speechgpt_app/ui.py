@@ -520,8 +520,9 @@ def build_ui(
         # Cached once, then shown whole: no streaming (Gradio caches a function's final value).
         updates = app.run_turn(None, audio=audio, text=None, history=(), options=defaults)
         live = collections.deque(updates, maxlen=1)[0][0]  # the same LiveTurn, after the last event
-        whole = np.concatenate(live.chunks) if live.chunks else None
-        return _panels(live, whole) if whole is not None else (*_panels(live, None)[:4], None, timings_line(live.timings))
+        heard_text, answer_text, count, unit_string, _, timing = _panels(live, None)
+        speech = (live.sample_rate, np.concatenate(live.chunks)) if live.chunks else None
+        return heard_text, answer_text, count, unit_string, speech, timing
 
     def clear(request: gr.Request) -> tuple[Any, ...]:
         app.stop(request)
