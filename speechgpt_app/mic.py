@@ -36,7 +36,7 @@ END_SILENCE_SECONDS = 1.0
 MIN_SPEECH_SECONDS = 0.3  # ignore clicks: this much speech must come first
 MAX_RECORD_SECONDS = 20.0  # audio.AudioLimits.max_seconds: the model cannot take more
 
-FILE_MODE_HINT = f"use file mode instead: python -m speechgpt_app ask --audio question.wav (model: ${MODEL_ENV})"
+FILE_MODE_HINT = "to ask about a recorded file instead: python -m speechgpt_app ask --audio question.wav"
 
 
 class NoAudioDeviceError(RuntimeError):
@@ -302,7 +302,7 @@ def run_cli(args: argparse.Namespace, card: SoundCard | None = None, ask: Callab
     from speechgpt_app.model import ModelLoadError
 
     if not args.mic:
-        print(f"error: chat needs --mic (the only chat mode); for a file, {FILE_MODE_HINT}", file=sys.stderr)
+        print(f"error: chat needs --mic (the only chat mode so far); {FILE_MODE_HINT}", file=sys.stderr)
         return EXIT_NO_DEVICE
     try:
         card = card or SoundDeviceCard.open()

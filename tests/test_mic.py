@@ -202,3 +202,84 @@ def test_end_of_speech_detector() -> None:
     # The length limit ends any recording.
     assert blocks_until_done([speech] * 500) == round(mic.MAX_RECORD_SECONDS / mic.BLOCK_SECONDS) - 1
     assert mic.level_dbfs(quiet) == -np.inf and -25 < mic.level_dbfs(speech) < -15
+
+
+class FakeSoundDevice:
+    """Stands in for the `sounddevice` module: an input stream that "hears" a recording block by
+    block from PortAudio's own thread, and output streams that keep what is written."""
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, speech: np.ndarray) -> None:
+        self.speech = speech
+        self.written: list[tuple[int, np.ndarray]] = []
+
+    def query_devices(self, kind=None):
+        return {"name": f"fake {kind}"}
+
+    def InputStream(self, samplerate, channels, dtype, blocksize, callback):  # noqa: N802  # sounddevice's name
+        fake = self
+
+        class Stream:
+            def __enter__(self):
+                self.running = True
+
+                def feed():
+                    for start in range(0, len(fake.speech), blocksize):
+                        if not self.running:
+                            return
+                        callback(fake.speech[start : start + blocksize].reshape(-1, 1), blocksize, None, None)
+
+                self.thread = threading.Thread(target=feed)
+                self.thread.start()
+                return self
+
+            def __exit__(self, *exc):
+                self.running = False
+                self.thread.join()
+
+        assert (samplerate, channels, dtype) == (mic.RECORD_RATE, 1, "float32")
+        return Stream()
+
+    def OutputStream(self, samplerate, channels, dtype):  # noqa: N802
+        fake = self
+
+        class Stream:
+            def start(self):
+                pass
+
+            def write(self, data):
+                assert data.shape[1] == channels == 1
+                fake.written.append((samplerate, data[:, 0].copy()))
+
+            def close(self):
+                pass
+
+        return Stream()
+
+
+def test_sounddevice_card_records_blocks_and_plays_in_order(monkeypatch, lj_wav: Path) -> None:
+    speech = FileCard.from_file(lj_wav).speech
+    fake = FakeSoundDevice(speech)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    card = mic.SoundDeviceCard.open()
+    stop = threading.Event()
+    blocks: list[np.ndarray] = []
+
+    def on_block(block: np.ndarray) -> None:  # stop after one second, as Enter would
+        blocks.append(block)
+        if sum(map(len, blocks)) >= mic.RECORD_RATE:
+            stop.set()
+
+    rate, recorded = card.record(stop, on_block)
+    assert rate == mic.RECORD_RATE
+    assert mic.RECORD_RATE <= len(recorded) < len(speech)
+    np.testing.assert_array_equal(recorded, speech[: len(recorded)])
+    chunks = [speech[:8000], speech[8000:16000], speech[16000:20000]]
+    for chunk in chunks:
+        card.play(chunk, 16_000)
+    card.drain()  # returns once everything queued was written
+    assert [r for r, _ in fake.written] == [16_000] * 3
+    np.testing.assert_array_equal(np.concatenate([x for _, x in fake.written]), speech[:20000])
+    card.close()
