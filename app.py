@@ -110,7 +110,7 @@ def examples_cache_for(pipeline: Pipeline | None) -> Iterator[None]:
             os.environ["GRADIO_EXAMPLES_CACHE"] = before
 
 
-def create_app(model: str | None = None, quant: str | None = None) -> gr.Blocks:
+def create_app(model: str | None = None, quant: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The whole app: pipeline, page and queue, ready to launch."""
     pipeline, unavailable = load_pipeline(model, quant)
     label = LABEL if pipeline is not None and pipeline.script is not None else None
@@ -122,7 +122,7 @@ def create_app(model: str | None = None, quant: str | None = None) -> gr.Blocks:
             examples=sorted(EXAMPLES_DIR.glob("*.wav")),
             gpu=spaces_compat.gpu(),
         )
-    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=queue_size)
 
 
 def launch(demo: gr.Blocks, **overrides) -> None:

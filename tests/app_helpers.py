@@ -46,15 +46,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model: Path, cache: Path) -> Iterator[str]:
+def running_app(model: Path, cache: Path, **create: object) -> Iterator[str]:
     """The real app (app.create_app + app.launch) on `model`, on a free loopback port; yields its URL.
 
-    `cache` stands in for $HF_HOME (the app keeps its cached example answers there).
+    `cache` stands in for $HF_HOME (the app keeps its cached example answers there); `create` goes
+    to app.create_app.
     """
     app = load_app_module()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(cache))
-        demo = app.create_app(model=str(model))
+        demo = app.create_app(model=str(model), **create)
         port = free_port()
         app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
