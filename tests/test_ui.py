@@ -175,14 +175,19 @@ def test_stop_ends_the_turn_early(server: str, lj_wav: Path) -> None:
     assert len(turn["units"]) < len(UNITS)
 
 
-def test_text_only_output_and_transcribe_task(server: str, lj_wav: Path) -> None:
+def test_other_tasks_text_only_output_and_clear(server: str, lj_wav: Path) -> None:
     c = client(server)
     text_only = send(c, text="what is it?", output="Text only")
     assert text_only[-1][ANSWER_OUT] == ANSWER
     assert not any(is_stream(u[SPEECH_OUT]) for u in text_only)
     transcribed = send(c, audio=str(lj_wav), task="Transcribe only")
     assert transcribed[-1][HEARD_OUT] == HEARD and transcribed[-1][ANSWER_OUT] == ""
-    assert [t["task"] for t in export(c)["turns"]] == ["chat", "transcribe"]
+    spoken = send(c, text="read this aloud", task="Speak this text")
+    assert spoken[-1][UNITS_OUT] == units_to_text(UNITS) and any(is_stream(u[SPEECH_OUT]) for u in spoken)
+    assert [t["task"] for t in export(c)["turns"]] == ["chat", "transcribe", "speak"]
+    c.predict(api_name="/clear")  # Clear empties this session's conversation
+    with pytest.raises(AppError, match="nothing to export"):
+        export(c)
 
 
 def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_path: Path) -> None:
