@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -179,6 +180,11 @@ def friendly_error(exc: BaseException) -> gr.Error:
     return gr.Error(f"Something went wrong: {exc}", title="Error")
 
 
+def _session_id(request: gr.Request | None) -> str:
+    """The browser session's id ("" outside a session, e.g. while caching examples)."""
+    return (request.session_hash if request is not None else None) or ""
+
+
 class ChatApp:
     """The handlers behind the page, bound to one loaded pipeline (or to the reason it failed)."""
 
@@ -239,7 +245,7 @@ class ChatApp:
     def stop(self, request: gr.Request) -> None:
         """Stop button: ask this session's running turn to end (it keeps what it has so far)."""
         with self._lock:
-            flag = self._cancels.get(request.session_hash or "")
+            flag = self._cancels.get(_session_id(request))
         if flag is not None:
             flag.set()
 
@@ -257,7 +263,7 @@ class ChatApp:
         """Drive `respond` and yield the live panels after each event, with any new audio chunk."""
         if self.pipeline is None:
             raise gr.Error(f"The model is not available: {self.unavailable}", title="Model not available")
-        session_id = (request.session_hash if request else None) or ""
+        session_id = _session_id(request)
         cancel = self._cancel_flag(session_id)
         live = LiveTurn()
         try:
@@ -289,6 +295,7 @@ class ChatApp:
     def record(
         self,
         live: LiveTurn,
+        session_id: str,
         *,
         audio: str | None,
         text: str | None,
@@ -298,7 +305,7 @@ class ChatApp:
         """Keep a finished turn: write its answer audio and describe it for the history and export."""
         answer_audio = None
         if live.chunks and live.sample_rate:
-            answer_audio = str(self._new_file("answer", ".wav"))
+            answer_audio = str(self._new_file(session_id, "answer", ".wav"))
             sf.write(answer_audio, np.concatenate(live.chunks), live.sample_rate, subtype="PCM_16")
         end = live.end
         return TurnRecord(
@@ -318,14 +325,21 @@ class ChatApp:
             turn=end.turn if end else None,
         )
 
-    def _new_file(self, stem: str, suffix: str) -> Path:
-        """A fresh file under this app's directory (Gradio serves files from there)."""
-        with tempfile.NamedTemporaryFile(prefix=f"{stem}-", suffix=suffix, dir=self.files_dir, delete=False) as f:
+    def _new_file(self, session_id: str, stem: str, suffix: str) -> Path:
+        """A fresh file in the session's own directory (removed when the session ends)."""
+        folder = self.files_dir / (session_id or "no-session")
+        folder.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f"{stem}-", suffix=suffix, dir=folder, delete=False) as f:
             return Path(f.name)
+
+    def forget(self, request: gr.Request) -> None:
+        """A closed page: drop its answer audio and exports (its gr.State goes with it)."""
+        if request.session_hash:
+            shutil.rmtree(self.files_dir / request.session_hash, ignore_errors=True)
 
     # ---- export ------------------------------------------------------------------------------
 
-    def export(self, session: Session, description: str) -> str:
+    def export(self, session: Session, session_id: str, description: str) -> str:
         """Write the conversation as JSON and return its path for download."""
         if not session.records:
             raise gr.Error("There is nothing to export yet: the conversation is empty.")
@@ -336,7 +350,7 @@ class ChatApp:
             "versions": library_versions(),
             "turns": [export_record(r) for r in session.records],
         }
-        path = self._new_file("conversation", ".json")
+        path = self._new_file(session_id, "conversation", ".json")
         path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
         return str(path)
 
@@ -431,7 +445,7 @@ def build_ui(
         live = LiveTurn()
         for live, chunk in app.run_turn(request, audio=audio, text=text, history=history, options=options):
             yield (*_panels(live, chunk), gr.skip(), gr.skip(), gr.skip(), gr.skip())
-        rec = app.record(live, audio=audio, text=text, history=history, options=options)
+        rec = app.record(live, _session_id(request), audio=audio, text=text, history=history, options=options)
         new = Session(records=[*keep, rec])
         # The question is now in the conversation: empty the inputs for the next one.
         yield (*_panels(live, None), chat_messages(new.records), new, None, "")
@@ -528,10 +542,11 @@ def build_ui(
         app.stop(request)
         return ("", "", units_summary([]), "", None, "", [], Session(), None, "", gr.File(None, visible=False))
 
-    def export(session: Session) -> str:
-        return app.export(session, description)
+    def export(session: Session, request: gr.Request) -> str:
+        return app.export(session, _session_id(request), description)
 
-    with gr.Blocks(title="SpeechGPT voice chat") as demo:
+    # Gradio's own copies of uploads and answers: hourly, drop those older than a day.
+    with gr.Blocks(title="SpeechGPT voice chat", delete_cache=(3600, 86400)) as demo:
         session = gr.State(Session())
         gr.Markdown("# SpeechGPT voice chat\nAsk by voice or text; it answers in text and speech.")
         model_md = f"**Model:** {description}"
@@ -612,4 +627,5 @@ def build_ui(
         export_btn.click(export, [session], [export_file], api_name="export").success(
             lambda: gr.File(visible=True), None, export_file, api_visibility="private"
         )
+        demo.unload(app.forget)
     return demo
