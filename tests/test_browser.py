@@ -85,7 +85,8 @@ def value_of(selector: str) -> str:
 def wait_for_answer(page: Page, screenshot: str | None = None) -> dict:
     """Wait for the three panels and the answer audio; return the decoded audio's measures."""
     page.wait_for_function(f"{value_of('#heard')}.length > 0 && {value_of('#answer')}.length > 0")
-    if screenshot:  # as soon as the answer starts: the README's mid-answer picture
+    if screenshot:  # as soon as the answer speech starts: the README's mid-answer picture
+        page.wait_for_function("document.querySelector('#speech audio')?.src.length > 0")
         page.screenshot(path=str(SCREENSHOTS / screenshot), full_page=True)
     page.wait_for_function(f"{value_of('#heard')} === {HEARD!r} && {value_of('#answer')} === {ANSWER!r}")
     page.wait_for_function(f"document.querySelector('#units-count').innerText.includes('{len(UNITS)} speech units')")
