@@ -25,6 +25,7 @@ from pathlib import Path
 import gradio as gr
 
 from speechgpt_app import __version__
+from speechgpt_app.loaders import cache_dir
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
 from speechgpt_app.scripted import LABEL, make_scripted_bundle
@@ -47,9 +48,8 @@ DEFAULT_SCRIPT = {
 
 
 def cache_root() -> Path:
-    """Where the default model is built: `$HF_HOME/speechgpt`, or a temporary directory if that is read-only."""
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    root = hf_home / "speechgpt"
+    """The project's cache (`$HF_HOME/speechgpt`), or a temporary directory if that is read-only."""
+    root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root)
