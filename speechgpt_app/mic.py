@@ -259,8 +259,6 @@ class ChatSession:
 
     def loop(self) -> int:
         """Record, answer, repeat until the user quits; returns the exit status."""
-        from speechgpt_app.audio import AudioError
-
         self._say(f"Model: {self.pipeline.description}")
         while True:
             try:
@@ -272,7 +270,9 @@ class ChatSession:
             audio = self.record()
             try:
                 self.turn(audio)
-            except AudioError as e:  # too short, silent, too long: say so and let the user try again
+            # Bad input (audio.AudioError: too short, silent, too long; prompt.PromptError) is a
+            # ValueError raised before any event: say so and let the user try again.
+            except ValueError as e:
                 self._say(f"Could not use that recording: {e}")
         self._say("bye")
         return 0
