@@ -202,6 +202,10 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
     sf.write(silent, np.zeros(16000 * 2, dtype=np.int16), 16000)
     with pytest.raises(AppError, match=r"(?i)silen"):
         send(c, audio=str(silent))
+    too_long = tmp_path / "long.wav"
+    sf.write(too_long, (0.1 * np.random.default_rng(0).standard_normal(16000 * 25)).astype(np.float32), 16000)
+    with pytest.raises(AppError, match=r"(?i)long"):
+        send(c, audio=str(too_long))
     with pytest.raises(AppError, match="speak task answers in speech"):
         send(c, text="say this", task="Speak this text", output="Text only")
     assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
