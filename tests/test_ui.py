@@ -58,9 +58,13 @@ def send(c: Client, audio: str | None = None, text: str = "", task: str = "Chat"
 
 
 def decode(data: bytes) -> np.ndarray:
-    """Any audio file's bytes -> mono float samples."""
+    """Any audio file's bytes -> float samples in [-1, 1] (all channels, interleaved or not)."""
     with av.open(io.BytesIO(data)) as f:
-        return np.concatenate([frame.to_ndarray().astype(np.float32).reshape(-1) for frame in f.decode(audio=0)])
+        frames = [frame.to_ndarray() for frame in f.decode(audio=0)]
+    x = np.concatenate([a.reshape(-1) for a in frames])
+    if np.issubdtype(x.dtype, np.integer):  # PCM decoders give integers at their own full scale
+        return x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
+    return x.astype(np.float32)
 
 
 def rms(x: np.ndarray) -> float:
@@ -111,6 +115,9 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     assert bot_parts[0]["component"] == "audio" and bot_parts[1]["text"] == ANSWER
     answer_wav = decode(httpx.get(bot_parts[0]["value"]["url"]).content)
     assert rms(answer_wav) > SILENCE_RMS
+    # One fixed int16 scale: the stream is as loud as the answer (per-chunk peak normalisation,
+    # which Gradio applies to float chunks, would make it louder).
+    assert abs(rms(streamed) / rms(answer_wav) - 1) < 0.2
 
     # A second turn carries the first as context.
     second = send(c, text="and why is that?")
@@ -127,6 +134,15 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     assert doc["model"].startswith("scripted-test-model")
     assert {"torch", "transformers", "gradio", "speechgpt_app"} <= set(doc["versions"])
     assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.7
+
+
+def test_int16_at_one_fixed_scale() -> None:
+    from speechgpt_app.ui import to_int16
+
+    pcm = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5], dtype=np.float32)
+    assert to_int16(pcm).tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32768]
+    quiet = np.full(4, 0.01, dtype=np.float32)
+    assert to_int16(quiet).tolist() == [328] * 4  # a quiet chunk stays quiet
 
 
 def test_sessions_keep_separate_histories(server: str, lj_wav: Path) -> None:
