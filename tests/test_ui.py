@@ -294,3 +294,25 @@ def test_a_full_queue_is_told_to_the_user(tmp_path_factory) -> None:
         # The three requests race to the server: which one is refused is not fixed.
         assert outcomes.count("answered") == 2
         assert any("Queue is full" in o for o in outcomes)
+
+
+def test_spaces_gpu_wrapper_is_a_no_op_off_zero_gpu(monkeypatch) -> None:
+    import spaces
+
+    from speechgpt_app import spaces_compat
+
+    def answer() -> int:
+        return 42
+
+    assert not spaces_compat.on_zero_gpu({}) and spaces_compat.on_zero_gpu({"SPACES_ZERO_GPU": "true"})
+    monkeypatch.setattr(spaces_compat, "ON_ZERO_GPU", False)
+    assert spaces_compat.gpu()(answer) is answer
+    asked = []
+
+    def fake_gpu(duration):
+        asked.append(duration)
+        return lambda fn: fn
+
+    monkeypatch.setattr(spaces_compat, "ON_ZERO_GPU", True)
+    monkeypatch.setattr(spaces, "GPU", fake_gpu)
+    assert spaces_compat.gpu(duration=30)(answer)() == 42 and asked == [30]
