@@ -382,7 +382,7 @@ def chat_messages(records: Sequence[TurnRecord]) -> list[dict[str, Any]]:
         user: list[Any] = []
         if r.user_audio:
             user.append(gr.Audio(r.user_audio, buttons=["download"]))
-        user.append(r.heard or r.user_text or "")
+        user.append(r.user_text or r.heard or "(not understood)")  # what was typed, else what was heard
         messages.append({"role": "user", "content": user})
         assistant: list[Any] = []
         if r.answer_audio:
