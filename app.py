@@ -28,7 +28,7 @@ from speechgpt_app import __version__
 from speechgpt_app.loaders import cache_dir
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
-from speechgpt_app.scripted import LABEL, make_scripted_bundle
+from speechgpt_app.scripted import make_scripted_bundle
 from speechgpt_app.ui import CSS, build_ui
 
 log = logging.getLogger("speechgpt_app.app")
@@ -113,11 +113,10 @@ def examples_cache_for(pipeline: Pipeline | None) -> Iterator[None]:
 def create_app(model: str | None = None, quant: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The whole app: pipeline, page and queue, ready to launch."""
     pipeline, unavailable = load_pipeline(model, quant)
-    label = LABEL if pipeline is not None and pipeline.script is not None else None
     with examples_cache_for(pipeline):
         demo = build_ui(
             pipeline,
-            label=label,
+            label=pipeline.warning if pipeline is not None else None,
             unavailable=unavailable,
             examples=sorted(EXAMPLES_DIR.glob("*.wav")),
             gpu=spaces_compat.gpu(),

@@ -131,6 +131,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "model": pipeline.description,
+            "model_details": pipeline.details,
             "heard": "".join(heard),
             "answer": "".join(answer),
             "units": units,
@@ -148,10 +149,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _print_summary(pipeline, heard, answer, units, end, wrote, timings: Timings) -> None:
-    def secs(ms):
-        return "-" if ms is None else f"{ms / 1000:.2f} s"
-
+    """The plain-text report: model, what was heard, the answer, the audio file and the timings."""
     print(f"model:  {pipeline.description}")
+    if pipeline.warning:
+        print(f"note:   {pipeline.warning}")
     if heard.strip():
         print(f"heard:  {heard.strip()}")
     if answer.strip():
@@ -159,13 +160,8 @@ def _print_summary(pipeline, heard, answer, units, end, wrote, timings: Timings)
     if units:
         print(f"units:  {len(units)}")
     print(f"audio:  {wrote} ({timings.audio_seconds:.2f} s)" if wrote else "audio:  none")
-    rtf = timings.real_time_factor
-    tps = timings.tokens_per_second
-    print(
-        f"timings: transcript {secs(timings.time_to_transcript_ms)}, first audio "
-        f"{secs(timings.time_to_first_audio_ms)}, {'-' if tps is None else f'{tps:.1f}'} tokens/s, "
-        f"real-time factor {'-' if rtf is None else f'{rtf:.2f}'}, total {secs(timings.total_ms)}"
-    )
+    total = "–" if timings.total_ms is None else f"{timings.total_ms / 1000:.2f} s"
+    print(f"timings: {timings.summary()} · total {total}")
     print(f"ended:  {end.reason}")
     for problem in end.problems:
         print(f"problem: {problem}", file=sys.stderr)

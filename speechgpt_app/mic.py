@@ -250,16 +250,14 @@ class ChatSession:
             self._say(f"problem: {problem}")
         if end.turn is not None:
             self.history.append(end.turn)
-        ttfa = timings.time_to_first_audio_ms
-        self._say(
-            f"[time to transcript {_secs(timings.time_to_transcript_ms)}, time to first audio {_secs(ttfa)}, "
-            f"real-time factor {'–' if timings.real_time_factor is None else f'{timings.real_time_factor:.2f}'}]"
-        )
+        self._say(f"[{timings.summary()}]")
         return end
 
     def loop(self) -> int:
         """Record, answer, repeat until the user quits; returns the exit status."""
         self._say(f"Model: {self.pipeline.description}")
+        if self.pipeline.warning:
+            self._say(f"Note: {self.pipeline.warning}")
         while True:
             try:
                 line = self.ask("\nPress Enter and speak (q + Enter to quit): ")
@@ -279,10 +277,6 @@ class ChatSession:
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
-
-
-def _secs(ms: float | None) -> str:
-    return "–" if ms is None else f"{ms / 1000:.2f} s"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

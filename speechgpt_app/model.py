@@ -93,6 +93,13 @@ class LoadedLM:
     quant: str  # resolved: none | nf4 | int8 | int4
     n_units: int
     description: str
+    adapter: str | None = None  # the LoRA's location as given (LMSpec.adapter), None without one
+    adapter_merged: bool = False  # True when the LoRA was merged into the weights
+
+    @property
+    def numerics(self) -> str:
+        """Precision and quantisation in words, e.g. "fp32" or "NF4 (bf16 compute)"."""
+        return _describe_numerics(self.quant, self.dtype)
 
 
 def quant_from_env(default: Quant = "auto") -> Quant:
@@ -115,15 +122,17 @@ def load_lm(spec: LMSpec) -> LoadedLM:
     weights_dir = ensure_safetensors(model_dir, _cache_name(spec.path, model_dir))
 
     model = _load_weights(weights_dir, dtype, quant, device)
-    lora = ""
+    held = ""
     if adapter_dir is not None:
-        model, lora = _apply_adapter(model, adapter_dir, spec, quant)
+        model, held = _apply_adapter(model, adapter_dir, spec, quant)
     model.eval()
     model.requires_grad_(False)
     n_units = count_units(tokenizer)
+    lora = f" + LoRA {spec.adapter} ({held})" if held else ""
     description = f"{spec.path}{lora}, {_describe_numerics(quant, dtype)}, {device}"
     log.info("loaded %s", description)
-    return LoadedLM(model, tokenizer, device, dtype, quant, n_units, description)
+    adapter = str(spec.adapter) if adapter_dir is not None else None
+    return LoadedLM(model, tokenizer, device, dtype, quant, n_units, description, adapter, held == "merged")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -405,7 +414,8 @@ def _load_weights(weights_dir: Path, dtype: torch.dtype, quant: str, device: tor
         raise ModelLoadError(f"could not load the language model weights from {weights_dir}: {e}") from e
 
 
-def _apply_adapter(model, adapter_dir: Path, spec: LMSpec, quant: str):
+def _apply_adapter(model, adapter_dir: Path, spec: LMSpec, quant: str) -> tuple[Any, str]:
+    """The model with its LoRA, and how the LoRA is held: "merged" or "kept apart" (with why)."""
     from peft import PeftModel
 
     try:
@@ -413,13 +423,14 @@ def _apply_adapter(model, adapter_dir: Path, spec: LMSpec, quant: str):
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the LoRA adapter from {adapter_dir}: {e}") from e
     if not spec.merge_adapter:
-        return model, f" + LoRA {spec.adapter} (kept apart)"
+        return model, "kept apart"
     if quant != "none":
-        return model, f" + LoRA {spec.adapter} (kept apart: a quantised base cannot be merged)"
-    return model.merge_and_unload(), f" + LoRA {spec.adapter} (merged)"
+        return model, "kept apart: a quantised base cannot be merged"
+    return model.merge_and_unload(), "merged"
 
 
 def _describe_numerics(quant: str, dtype: torch.dtype) -> str:
+    """The weights' numerics in words: the dtype, and the quantisation when there is one."""
     name = {v: k for k, v in DTYPES.items()}[dtype]
     return {
         "none": name,

@@ -166,6 +166,15 @@ class Timings:
             return None
         return self.last_audio_ms / 1000 / self.audio_seconds
 
+    def summary(self) -> str:
+        """The one-line plain-text summary every front end shows ("–" for a figure the turn lacks)."""
+        return (
+            f"time to transcript {_seconds(self.time_to_transcript_ms)} · "
+            f"time to first audio {_seconds(self.time_to_first_audio_ms)} · "
+            f"{_figure(self.tokens_per_second, '.1f')} tokens/s · "
+            f"real-time factor {_figure(self.real_time_factor, '.2f')}"
+        )
+
     def as_dict(self) -> dict[str, float | None]:
         """Every figure, JSON-ready."""
         return {
@@ -178,6 +187,16 @@ class Timings:
             "tokens_per_second": self.tokens_per_second,
             "real_time_factor": self.real_time_factor,
         }
+
+
+def _seconds(ms: float | None) -> str:
+    """Milliseconds as "0.67 s", or "–" when there is no figure."""
+    return "–" if ms is None else f"{ms / 1000:.2f} s"
+
+
+def _figure(x: float | None, fmt: str) -> str:
+    """A number in `fmt`, or "–" when there is no figure."""
+    return "–" if x is None else format(x, fmt)
 
 
 @dataclass(frozen=True)
@@ -268,9 +287,37 @@ class Pipeline:
 
     @property
     def description(self) -> str:
-        """One line: model name, numerics, device (and the scripted-model label when it is one)."""
-        text = f"{self.info.name}: {self.lm.description}"
-        return f"{text} — {self.info.description}" if self.script is not None else text
+        """One short line: bundle name (Hub LM, LoRA merged or apart), numerics, device.
+
+        E.g. "scripted-test-model (LoRA merged), fp32, cpu". Local paths are left to `details`.
+        """
+        parts = [self.info.lm["hub"]] if isinstance(self.info.lm, dict) else []
+        if self.lm.adapter is not None:
+            parts.append("LoRA merged" if self.lm.adapter_merged else "LoRA kept apart")
+        name = f"{self.info.name} ({' + '.join(parts)})" if parts else self.info.name
+        return f"{name}, {self.lm.numerics}, {self.lm.device}"
+
+    @property
+    def warning(self) -> str | None:
+        """The plain warning a front end must show with the model line (the scripted test model's label)."""
+        from speechgpt_app.scripted import LABEL
+
+        return LABEL if self.script is not None else None
+
+    @property
+    def details(self) -> dict[str, str | bool | None]:
+        """Everything `description` shortens, with full locations: for exports and a settings panel."""
+        return {
+            "name": self.info.name,
+            "bundle": str(self.bundle_dir),
+            "lm": locate(self.bundle_dir, self.info.lm),
+            "adapter": self.lm.adapter,
+            "adapter_merged": self.lm.adapter_merged if self.lm.adapter is not None else None,
+            "numerics": self.lm.numerics,
+            "device": str(self.lm.device),
+            "loaded": self.lm.description,
+            "about": self.info.description or None,
+        }
 
     @property
     def n_units(self) -> int:

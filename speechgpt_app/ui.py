@@ -135,23 +135,6 @@ def to_int16(pcm: np.ndarray) -> np.ndarray:
     )
 
 
-def timings_line(timings: Timings) -> str:
-    """The one-line timing summary under the live panels."""
-
-    def secs(ms: float | None) -> str:
-        return "–" if ms is None else f"{ms / 1000:.2f} s"
-
-    def num(x: float | None, fmt: str) -> str:
-        return "–" if x is None else format(x, fmt)
-
-    return (
-        f"time to transcript {secs(timings.time_to_transcript_ms)} · "
-        f"time to first audio {secs(timings.time_to_first_audio_ms)} · "
-        f"{num(timings.tokens_per_second, '.1f')} tokens/s · "
-        f"real-time factor {num(timings.real_time_factor, '.2f')}"
-    )
-
-
 def units_summary(units: Sequence[int]) -> str:
     """The count line above the collapsible unit string."""
     return f"**{len(units)}** speech units" if units else "no speech units yet"
@@ -339,14 +322,17 @@ class ChatApp:
 
     # ---- export ------------------------------------------------------------------------------
 
-    def export(self, session: Session, session_id: str, description: str) -> str:
-        """Write the conversation as JSON and return its path for download."""
+    def export(
+        self, session: Session, session_id: str, description: str, details: dict[str, Any] | None = None
+    ) -> str:
+        """Write the conversation as JSON (the model's `details` beside its one-line `description`)."""
         if not session.records:
             raise gr.Error("There is nothing to export yet: the conversation is empty.")
         doc = {
             "format": "speechgpt-conversation/1",
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": description,
+            "model_details": details or {},
             "versions": library_versions(),
             "turns": [export_record(r) for r in session.records],
         }
@@ -404,7 +390,7 @@ def _panels(live: LiveTurn, chunk: np.ndarray | None) -> tuple[Any, ...]:
         units_summary(live.units),
         units_to_text(live.units) if live.units else "",
         speech,
-        timings_line(live.timings),
+        live.timings.summary(),
     )
 
 
@@ -426,6 +412,7 @@ def build_ui(
     on_gpu = gpu or (lambda fn: fn)
     app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
     description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
+    details = pipeline.details if pipeline is not None else {}
     defaults = pipeline.default_options if pipeline is not None else Options()
     max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
 
@@ -543,7 +530,7 @@ def build_ui(
         return ("", "", units_summary([]), "", None, "", [], Session(), None, "", gr.File(None, visible=False))
 
     def export(session: Session, request: gr.Request) -> str:
-        return app.export(session, _session_id(request), description)
+        return app.export(session, _session_id(request), description, details)
 
     # Gradio's own copies of uploads and answers: hourly, drop those older than a day.
     with gr.Blocks(title="SpeechGPT voice chat", delete_cache=(3600, 86400)) as demo:
@@ -601,7 +588,11 @@ def build_ui(
                 )
                 seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed (empty: random)")
                 output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
-            gr.Textbox(description, label="Model, precision, device", interactive=False, elem_id="model-info")
+            model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description
+            gr.Textbox(
+                model_info, label="Model (full locations)", lines=max(1, len(details)), interactive=False,
+                elem_id="model-info",
+            )  # fmt: skip
 
         panels = [heard, answer, units_count, units_text, speech, timings]
         turn_outputs = [*panels, chatbot, session, audio_in, text_in]

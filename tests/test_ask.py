@@ -44,6 +44,7 @@ def test_ask_text_only_summary(bundle, tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert status == 0 and not out.exists()
     assert f"answer: {ANSWER}" in printed and "audio:  none" in printed and "ended:  eoa" in printed
+    assert "time to first audio – · " in printed and "real-time factor – · total " in printed  # text only: no audio
 
 
 @pytest.mark.parametrize(

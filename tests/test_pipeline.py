@@ -82,7 +82,11 @@ def test_spoken_turn_exact_events_and_audio(pipeline, lj_wav, tmp_path):
     assert turn.user == "<sosp>" + "".join(f"<{u}>" for u in question) + "<eosp>"
     assert turn.heard == HEARD and turn.assistant.endswith("<eoa>") and ANSWER in turn.assistant
     assert pipeline.n_units == 50 and pipeline.sample_rate == 16_000 and pipeline.context_length == 1024
-    assert LABEL in pipeline.description
+    assert pipeline.description == "scripted-test-model (LoRA merged), fp32, cpu"
+    assert pipeline.warning == LABEL and LABEL not in pipeline.description  # said once, by the front end
+    details = pipeline.details
+    assert details["bundle"] == str(pipeline.bundle_dir) and details["adapter"] == str(pipeline.bundle_dir / "adapter")
+    assert details["adapter_merged"] is True and details["numerics"] == "fp32" and details["device"] == "cpu"
 
 
 def test_sampling_settings_do_not_change_a_scripted_answer(pipeline, lj_wav, tmp_path):
@@ -96,6 +100,7 @@ def test_quantised_and_adapter_variants(bundle, lj_wav, tmp_path, quant, merge):
     kept_apart = type(variant.lm.model).__name__.startswith("Peft")
     assert kept_apart == (quant != "none" or not merge)
     assert ("NF4" in variant.description) == (quant == "nf4")
+    assert variant.description.startswith(f"scripted-test-model (LoRA {'kept apart' if kept_apart else 'merged'}), ")
     check_spoken_turn(variant, list(variant.respond(audio=lj_wav, options=GREEDY)), tmp_path)
 
 
@@ -213,6 +218,15 @@ def test_timings_from_events(pipeline, lj_wav):
     assert timings.real_time_factor == pytest.approx(timings.last_audio_ms / 1000 / timings.audio_seconds)
     assert timings.tokens_per_second > 0 and events[-1].stats["sampled_tokens"] > len(UNITS)
     assert set(timings.as_dict()) >= {"time_to_transcript_ms", "time_to_first_audio_ms", "real_time_factor"}
+
+
+def test_timings_summary_line():
+    assert Timings().summary() == "time to transcript – · time to first audio – · – tokens/s · real-time factor –"
+    timings = Timings(time_to_transcript_ms=20.4, time_to_first_audio_ms=671.0, last_audio_ms=840.0,
+                      audio_seconds=3.0, tokens_per_second=72.94)  # fmt: skip
+    assert timings.summary() == (
+        "time to transcript 0.02 s · time to first audio 0.67 s · 72.9 tokens/s · real-time factor 0.28"
+    )
 
 
 def test_load_from_env_and_vocabulary_mismatch(bundle, tmp_path, monkeypatch):

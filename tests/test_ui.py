@@ -131,7 +131,8 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     assert two["question_text"] == "and why is that?"
     assert len(two["context"]) == 1
     assert ANSWER in two["context"][0]["assistant"] and units_to_text(UNITS) in two["context"][0]["assistant"]
-    assert doc["model"].startswith("scripted-test-model")
+    assert doc["model"].startswith("scripted-test-model") and "/" not in doc["model"]  # paths only in details
+    assert doc["model_details"]["name"] == "scripted-test-model" and doc["model_details"]["bundle"]
     assert {"torch", "transformers", "gradio", "speechgpt_app"} <= set(doc["versions"])
     assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.7
 
