@@ -61,9 +61,56 @@ def median_ms(fn: Callable[[], object], runs: int) -> float:
 def units_for(vocoder: Vocoder, seconds: float, seed: int = 0) -> list[int]:
     """Random units whose predicted durations add up to `seconds` of audio (to the frame)."""
     frames = round(seconds * vocoder.sample_rate / vocoder.hop)
-    ids = np.random.default_rng(seed).integers(0, N_UNITS, frames).tolist()  # durations are >= 1 frame
+    ids = np.random.default_rng(seed).integers(0, vocoder.n_units, frames).tolist()  # durations are >= 1 frame
     ends = np.cumsum(vocoder.durations(ids))
     return ids[: int(np.searchsorted(ends, frames)) + 1]
+
+
+def hubert_tokenizer(config=None, device: str = "cpu") -> SpeechTokenizer:
+    """A random HuBERT speech tokenizer (default: base, run to layer 11) with N_UNITS random centres."""
+    from transformers import HubertConfig, HubertModel
+
+    config = config or HubertConfig()  # base: 12 layers, 768 dims, 12 heads, FFN 3072
+    layer = min(HUBERT_LAYER, config.num_hidden_layers)
+    return SpeechTokenizer(
+        SpeechConfig(n_units=N_UNITS, features={"type": "hubert", "layer": layer}),
+        HubertFeatures(HubertModel(config).eval(), layer=layer, device=device),
+        torch.randn(N_UNITS, config.hidden_size),
+    )
+
+
+def bench_units(tokenizer: SpeechTokenizer, wav: np.ndarray, runs: int) -> float:
+    """Median milliseconds of speech -> units for `wav`."""
+    return median_ms(lambda: tokenizer.encode(wav), runs)
+
+
+def random_vocoder(config: dict = RELEASED_VOCODER, device: str = "cpu") -> Vocoder:
+    """A unit HiFi-GAN with random weights (default: the released network), loaded as the app loads one."""
+    model = CodeHiFiGAN(VocoderConfig.from_dict(config))
+    return Vocoder.from_state_dict(model.cfg, model.legacy_state_dict(), device)
+
+
+def bench_vocoder(vocoder: Vocoder, seconds: float, runs: int, chunk_units: int) -> dict:
+    """Median milliseconds of units -> speech for `seconds` of audio: whole, streamed, first push."""
+    ids = units_for(vocoder, seconds)
+
+    def streamed(min_frames: int) -> None:
+        stream = vocoder.stream(min_frames=min_frames)
+        for i in range(0, len(ids), chunk_units):
+            stream.push(ids[i : i + chunk_units])
+        stream.flush()
+
+    lookahead = vocoder.stream().lookahead
+    return {
+        "units": len(ids),
+        "audio_s": len(vocoder.decode(ids)) / vocoder.sample_rate,
+        "params_m": sum(t.numel() for t in vocoder.model.parameters()) / 1e6,
+        "context_frames": vocoder.model.generator_context(),
+        "lookahead_units": lookahead,
+        "whole_ms": median_ms(lambda: vocoder.decode(ids), runs),
+        "streamed_ms": {m: median_ms(lambda m=m: streamed(m), runs) for m in (1, 25, 50)},
+        "first_push_ms": median_ms(lambda: vocoder.stream().push(ids[: chunk_units + lookahead]), runs),
+    }
 
 
 def main() -> None:
@@ -79,40 +126,19 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    from transformers import HubertConfig, HubertModel
-
     wav = load_audio(SAMPLE)[: int(args.seconds * SAMPLE_RATE)]
-    hubert = HubertModel(HubertConfig()).eval()  # base: 12 layers, 768 dims, 12 heads, FFN 3072
-    tokenizer = SpeechTokenizer(
-        SpeechConfig(n_units=N_UNITS, features={"type": "hubert", "layer": HUBERT_LAYER}),
-        HubertFeatures(hubert, layer=HUBERT_LAYER),
-        torch.randn(N_UNITS, 768),
-    )
-    ms = median_ms(lambda: tokenizer.encode(wav), args.runs)
+    ms = bench_units(hubert_tokenizer(), wav, args.runs)
     print(f"speech -> units  ({len(wav) / SAMPLE_RATE:.2f} s audio, HuBERT-base to layer 11 + 1000x768 k-means): "
           f"{ms:8.1f} ms")
 
-    model = CodeHiFiGAN(VocoderConfig.from_dict(RELEASED_VOCODER))
-    vocoder = Vocoder.from_state_dict(model.cfg, model.legacy_state_dict())
-    params = sum(t.numel() for t in vocoder.model.parameters())
-    ids = units_for(vocoder, args.seconds)
-    audio_s = len(vocoder.decode(ids)) / vocoder.sample_rate
-
-    def streamed(min_frames: int) -> None:
-        stream = vocoder.stream(min_frames=min_frames)
-        for i in range(0, len(ids), args.chunk_units):
-            stream.push(ids[i : i + args.chunk_units])
-        stream.flush()
-
-    lookahead = vocoder.stream().lookahead
-    print(f"units -> speech  ({len(ids)} units, {audio_s:.2f} s audio, {params / 1e6:.2f} M params, "
-          f"context {vocoder.model.generator_context()} frames, lookahead {lookahead} units):")
-    print(f"  whole utterance                               {median_ms(lambda: vocoder.decode(ids), args.runs):8.1f} ms")
-    for min_frames in (1, 25, 50):
-        ms = median_ms(lambda m=min_frames: streamed(m), args.runs)
+    r = bench_vocoder(random_vocoder(), args.seconds, args.runs, args.chunk_units)
+    print(f"units -> speech  ({r['units']} units, {r['audio_s']:.2f} s audio, {r['params_m']:.2f} M params, "
+          f"context {r['context_frames']} frames, lookahead {r['lookahead_units']} units):")
+    print(f"  whole utterance                               {r['whole_ms']:8.1f} ms")
+    for min_frames, ms in r["streamed_ms"].items():
         print(f"  streamed, {args.chunk_units} units per push, min_frames {min_frames:3d}     {ms:8.1f} ms")
-    first = median_ms(lambda: vocoder.stream().push(ids[: args.chunk_units + lookahead]), args.runs)
-    print(f"  first push of {args.chunk_units} + {lookahead} lookahead units              {first:8.1f} ms")
+    print(f"  first push of {args.chunk_units} + {r['lookahead_units']} lookahead units              "
+          f"{r['first_push_ms']:8.1f} ms")
 
 
 if __name__ == "__main__":
