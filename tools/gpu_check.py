@@ -17,8 +17,9 @@ Steps and what each measures
   tokens/s, real-time factor, load seconds, peak CUDA memory; checks the transcript is the script's.
   The same with quant "none" (bf16) for comparison. Each variant reports its own status.
 - int4: the same turn with quant "int4" (torchao int4 weight-only, model.py): ok with timings, or
-  the clear error (the scripted Llama is 64 wide, narrower than int4's group of 128, so an error about
-  shapes is about this tiny model, not the path).
+  the clear error. The scripted Llama is 64 wide, narrower than int4's group of 128 (model.py
+  INT4_GROUP_SIZE): an error about shapes, or layers left unquantised, is about this tiny model.
+  CUDA's first use (context, kernels) falls in nf4_generate's cold nf4 turn only.
 - qlora_step: the tiny training chain on text-only data (no espeak-ng/flite needed): stage 0 (base,
   `small` size on CUDA: 8 layers x 1024) -> stage 1 (random unit lines) -> stage 2 (text->text
   records from the tiny recipe's instructions) -> stage 3 LoRA over a 4-bit NF4 base (QLoRA) through
