@@ -19,7 +19,7 @@ Steps and what each measures
 - int4: the same turn with quant "int4" (torchao int4 weight-only, model.py): ok with timings, or
   the clear error. The scripted Llama is 64 wide, narrower than int4's group of 128 (model.py
   INT4_GROUP_SIZE): an error about shapes, or layers left unquantised, is about this tiny model.
-  CUDA's first use (context, kernels) falls in nf4_generate's cold nf4 turn only.
+  (matmul runs first and sets CUDA up, so a cold turn carries only its own first-use kernel costs.)
 - qlora_step: the tiny training chain on text-only data (no espeak-ng/flite needed): stage 0 (base,
   `small` size on CUDA: 8 layers x 1024) -> stage 1 (random unit lines) -> stage 2 (text->text
   records from the tiny recipe's instructions) -> stage 3 LoRA over a 4-bit NF4 base (QLoRA) through
