@@ -81,12 +81,13 @@ def default_model() -> Path:
 
 def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None, str | None]:
     """The pipeline for `model` (default: `$SPEECHGPT_MODEL`, else the scripted test model), or why not."""
-    model = model or os.environ.get(MODEL_ENV, "").strip() or str(default_model())
+    model = model or os.environ.get(MODEL_ENV, "").strip() or None
     try:
-        return Pipeline.load(model, quant=quant), None
+        # Building the default scripted model can fail too (disk, a broken install): still serve the page.
+        return Pipeline.load(model or default_model(), quant=quant), None
     except Exception as exc:  # the page still opens and tells every user why it cannot answer
-        log.exception("could not load model %s", model)
-        return None, f"{model}: {exc}"
+        log.exception("could not load model %s", model or "the scripted test model")
+        return None, f"{model or 'the scripted test model'}: {exc}"
 
 
 @contextmanager

@@ -241,6 +241,22 @@ def test_default_model_is_the_scripted_model_built_once_and_labelled(tmp_path: P
     assert any(isinstance(t, str) and LABEL in t and "scripted-test-model" in t for t in texts)
 
 
+def test_a_failed_default_build_still_serves_the_page_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
+    app = load_app_module()
+
+    def broken_build(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(app, "make_scripted_bundle", broken_build)
+    pipeline, why = app.load_pipeline(None, None)
+    assert pipeline is None and why == "the scripted test model: No space left on device"
+    demo = app.create_app()  # the page is built all the same
+    texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    assert any(isinstance(t, str) and "No space left on device" in t for t in texts)
+
+
 def test_missing_model_is_said_on_every_turn(tmp_path: Path) -> None:
     with running_app(tmp_path / "no-such-bundle", tmp_path / "hf") as url:
         with pytest.raises(AppError, match="model is not available"):
