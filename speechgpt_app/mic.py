@@ -129,6 +129,7 @@ class SoundDeviceCard:
         return cls(sd)
 
     def record(self, stop: threading.Event, on_block: Callable[[np.ndarray], None]) -> tuple[int, np.ndarray]:
+        """Record the default input until `stop` is set, handing each block to `on_block` as it comes."""
         blocks: list[np.ndarray] = []
 
         def callback(indata, frames, time, status) -> None:  # PortAudio's thread
@@ -144,12 +145,15 @@ class SoundDeviceCard:
         return RECORD_RATE, np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
     def play(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Queue a chunk for playback (played in order by the player thread); returns at once."""
         self._queue.put((pcm, sample_rate))
 
     def drain(self) -> None:
+        """Wait until every queued chunk has played."""
         self._queue.join()
 
     def close(self) -> None:
+        """Stop the player thread (after what is queued)."""
         self._queue.put(None)
         self._player.join(timeout=5)
 

@@ -422,6 +422,7 @@ class _TurnState:
         self.forced_speech = False
 
     def stats_dict(self) -> dict[str, float]:
+        """The generation statistics for `End.stats` ({} before generation finished)."""
         if self.stats is None:
             return {}
         return {**asdict(self.stats), "tokens_per_s": self.stats.tokens_per_s}

@@ -14,7 +14,6 @@ the KV cache, the detokeniser, the parser, the vocoder and the timing all run fo
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Sequence
@@ -188,28 +187,14 @@ def _sentences(seed: int, extra: Sequence[str]) -> list[str]:
     return lines
 
 
-def _train_sentencepiece(lines: list[str]) -> bytes:
-    """A SentencePiece BPE model with LLaMA's settings (byte fallback, dummy prefix, split digits)."""
-    import sentencepiece as spm
-
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=out, model_type="bpe", vocab_size=SP_VOCAB_SIZE,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-    )  # fmt: skip
-    return out.getvalue()
-
-
 def _write_lm(lm_dir: Path, n_units: int, seed: int, lines: list[str]):
     """Tokenizer (trained, extended) + tiny random Llama, both with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from speechgpt_app.vocab import extend_tokenizer, load_tokenizer
+    from speechgpt_app.vocab import extend_tokenizer, load_tokenizer, train_sentencepiece
 
     lm_dir.mkdir(parents=True)
-    (lm_dir / "tokenizer.model").write_bytes(_train_sentencepiece(lines))
+    (lm_dir / "tokenizer.model").write_bytes(train_sentencepiece(lines, SP_VOCAB_SIZE))
     tokenizer = load_tokenizer(lm_dir)
     extend_tokenizer(tokenizer, n_units)
     torch.manual_seed(seed)

@@ -394,6 +394,11 @@ def _panels(live: LiveTurn, chunk: np.ndarray | None) -> tuple[Any, ...]:
     )
 
 
+def _blank_panels(player: Any) -> tuple[Any, ...]:
+    """The live panels emptied (`player`: the answer player's value or update)."""
+    return ("", "", units_summary([]), "", player, "")
+
+
 def build_ui(
     pipeline: Pipeline | None,
     *,
@@ -428,7 +433,7 @@ def build_ui(
         # Clear the panels first so a new turn never shows the last one's text. The player is
         # cleared by a property update: a plain None would open an empty audio stream.
         cleared = gr.update(value=None)
-        yield ("", "", units_summary([]), "", cleared, "", gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        yield (*_blank_panels(cleared), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         live = LiveTurn()
         for live, chunk in app.run_turn(request, audio=audio, text=text, history=history, options=options):
             yield (*_panels(live, chunk), gr.skip(), gr.skip(), gr.skip(), gr.skip())
@@ -527,7 +532,7 @@ def build_ui(
 
     def clear(request: gr.Request) -> tuple[Any, ...]:
         app.stop(request)
-        return ("", "", units_summary([]), "", None, "", [], Session(), None, "", gr.File(None, visible=False))
+        return (*_blank_panels(None), [], Session(), None, "", gr.File(None, visible=False))
 
     def export(session: Session, request: gr.Request) -> str:
         return app.export(session, _session_id(request), description, details)

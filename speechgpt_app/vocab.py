@@ -205,6 +205,41 @@ def load_tokenizer(
     return tok
 
 
+def train_sentencepiece(lines: list[str], vocab_size: int, hard_vocab_limit: bool = True) -> bytes:
+    """A serialized SentencePiece BPE model trained on `lines` with LLaMA's settings.
+
+    Byte fallback, split digits, identity normaliser, dummy prefix, unk/bos/eos = 0/1/2, no pad; one
+    thread, so the same lines give the same model. `hard_vocab_limit=False` lets a small corpus stop
+    short of `vocab_size` instead of failing.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=hard_vocab_limit,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
 def _match_released_spacing(tok: PreTrainedTokenizerBase) -> None:
     """Give a fast Llama tokenizer the released slow tokenizer's spacing (see the module docstring)."""
     backend = tok.backend_tokenizer

@@ -36,6 +36,28 @@ LRELU_SLOPE = 0.1  # leaky ReLU slope inside the generator (fairseq's LRELU_SLOP
 POST_LRELU_SLOPE = 0.01  # fairseq calls F.leaky_relu(x) with the default slope before conv_post
 EDGE_KERNEL = 7  # conv_pre and conv_post kernel size (fixed in fairseq, padding 3)
 
+# The released unit HiFi-GAN's network settings (REFERENCE.md section 5): ~13.5 M parameters, 1000
+# units, hop 5*4*4*2*2 = 320 samples at 16 kHz. For building one at the released size (tests, benchmarks).
+RELEASED_CONFIG: dict[str, Any] = {
+    "resblock": "1",
+    "upsample_rates": [5, 4, 4, 2, 2],
+    "upsample_kernel_sizes": [11, 8, 8, 4, 4],
+    "upsample_initial_channel": 512,
+    "resblock_kernel_sizes": [3, 7, 11],
+    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    "num_embeddings": 1000,
+    "embedding_dim": 128,
+    "model_in_dim": 128,
+    "dur_predictor_params": {
+        "encoder_embed_dim": 128,
+        "var_pred_hidden_dim": 128,
+        "var_pred_kernel_size": 3,
+        "var_pred_dropout": 0.5,
+    },
+    "sampling_rate": 16000,
+    "code_hop_size": 320,
+}
+
 # Fields this module reads from config.json; every other key is kept untouched in `extra`.
 _KNOWN_FIELDS = (
     "upsample_rates",

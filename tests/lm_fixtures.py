@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import io
 import json
 import random
 import shutil
@@ -27,29 +26,13 @@ from pathlib import Path
 
 import torch
 
-from speechgpt_app.vocab import added_tokens, extend_tokenizer, load_tokenizer
+from speechgpt_app import scripted
+from speechgpt_app.prompt import SYSTEM_PROMPT
+from speechgpt_app.scripted import SP_VOCAB_SIZE
+from speechgpt_app.vocab import added_tokens, extend_tokenizer, load_tokenizer, train_sentencepiece
 
-try:
-    from speechgpt_app.prompt import SYSTEM_PROMPT
-except ImportError:  # prompt.py is written in parallel; REFERENCE.md §3 has the exact text
-    SYSTEM_PROMPT = (
-        "You are an AI assistant whose name is SpeechGPT.\n- SpeechGPT is a intrinsic cross-modal "
-        "conversational language model that is developed by Fudan University.  SpeechGPT can understand "
-        "and communicate fluently with human through speech or text chosen by the user.\n- It can perceive "
-        "cross-modal inputs and generate cross-modal outputs.\n"
-    )
-
-SP_VOCAB_SIZE = 400  # 259 byte/control pieces + characters + a hundred-odd merges
-TINY_LLAMA = dict(  # small enough to build and run in well under a second on one CPU core
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+# The scripted model's shapes: small enough to build and run in well under a second on one CPU core.
+TINY_LLAMA = {**scripted.TINY_LLAMA, "max_position_embeddings": 512}
 _WORDS = (
     "the a an of to and in is was for on that with as by at it from this be are have not but they his her "
     "you we what can do your ask country fellow americans so my system established frequent formal review "
@@ -83,30 +66,7 @@ def training_sentences(n: int = 600, seed: int = 0) -> list[str]:
 @functools.cache
 def sentencepiece_model(vocab_size: int = SP_VOCAB_SIZE) -> bytes:
     """A serialized SentencePiece model trained with LLaMA's settings (BPE, byte fallback, ...)."""
-    import sentencepiece as spm
-
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_sentences()),
-        model_writer=out,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        character_coverage=1.0,
-        max_sentencepiece_length=16,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return out.getvalue()
+    return train_sentencepiece(training_sentences(), vocab_size)
 
 
 def _special(content: str) -> dict:
@@ -179,8 +139,7 @@ def lora_adapter_dir(n_units: int = 20, seed: int = 0) -> Path:
 
     out = _workdir() / f"lora-{n_units}-{seed}"
     base = LlamaForCausalLM.from_pretrained(tiny_lm_dir(n_units, seed))
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                        task_type="CAUSAL_LM", init_lora_weights=False)  # False: random B, so it acts
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **scripted.LORA)  # random B, so it acts
     torch.manual_seed(seed + 1)
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out)

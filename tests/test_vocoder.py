@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
 from speechgpt_app.vocoder import (
+    RELEASED_CONFIG,
     CodeHiFiGAN,
     Vocoder,
     VocoderConfig,
@@ -43,27 +44,6 @@ TINY_CONFIG = {
     "segment_size": 8960,
     "num_mels": 80,
     "dist_config": {"dist_backend": "nccl"},
-}
-
-# The released vocoder's network settings (REFERENCE.md section 5).
-RELEASED_CONFIG = {
-    "resblock": "1",
-    "upsample_rates": [5, 4, 4, 2, 2],
-    "upsample_kernel_sizes": [11, 8, 8, 4, 4],
-    "upsample_initial_channel": 512,
-    "resblock_kernel_sizes": [3, 7, 11],
-    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-    "num_embeddings": 1000,
-    "embedding_dim": 128,
-    "model_in_dim": 128,
-    "dur_predictor_params": {
-        "encoder_embed_dim": 128,
-        "var_pred_hidden_dim": 128,
-        "var_pred_kernel_size": 3,
-        "var_pred_dropout": 0.5,
-    },
-    "sampling_rate": 16000,
-    "code_hop_size": 320,
 }
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from training.data.formats import Record, answer_start
-from training.fit import IGNORE_INDEX, Example
+from training.fit import IGNORE_INDEX, Example, FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -19,6 +19,22 @@ def split_heldout(items: Sequence[T], n_eval: int, what: str) -> tuple[list[T], 
         raise ValueError(f"{what}: {len(items)} item(s) cannot spare {n_eval} for evaluation and still train")
     cut = len(items) - n_eval
     return list(items[:cut]), list(items[cut:])
+
+
+def fit_heldout(
+    acc,
+    cfg: TrainConfig,
+    model,
+    tokenizer,
+    items: Sequence[T],
+    to_examples: Callable[[Sequence[T], object, int], list[Example]],
+    stage: str,
+) -> FitResult:
+    """Every stage's last step: hold out `cfg.eval_examples` items, make examples of both parts, fit."""
+    train, val = split_heldout(items, cfg.eval_examples, cfg.data)
+    train_examples = to_examples(train, tokenizer, cfg.block_size)
+    val_examples = to_examples(val, tokenizer, cfg.block_size)
+    return fit(acc, cfg, model, tokenizer, train_examples, val_examples, stage)
 
 
 def unit_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Example]:

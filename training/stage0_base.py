@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,35 +57,12 @@ def recipe_text(paths: tuple[str, ...]) -> list[str]:
 
 
 def train_sentencepiece(lines: list[str], vocab_size: int, out: Path) -> Path:
-    """A LLaMA-like SentencePiece BPE model at out/tokenizer.model."""
-    import sentencepiece as spm
+    """A LLaMA-like SentencePiece BPE model (vocab.train_sentencepiece) at out/tokenizer.model."""
+    from speechgpt_app.vocab import train_sentencepiece as train
 
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "text.txt"
-        corpus.write_text("\n".join(lines), encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(Path(tmp) / "sp"),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,  # small corpora may not support the full size: take what there is
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=True,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            character_coverage=1.0,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,  # deterministic
-            seed_sentencepiece_size=1_000_000,
-            minloglevel=2,
-        )
-        (out / "tokenizer.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
+    # Small corpora may not support the full size: take what there is.
+    (out / "tokenizer.model").write_bytes(train(lines, vocab_size, hard_vocab_limit=False))
     return out / "tokenizer.model"
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from training.config import parse_args
 from training.data.formats import read_unit_lines
-from training.examples import split_heldout, unit_blocks
-from training.fit import FitResult, TrainConfig, fit, make_accelerator
+from training.examples import fit_heldout, unit_blocks
+from training.fit import FitResult, TrainConfig, make_accelerator
 from training.lm import load_model, load_tokenizer, resolve_base
 
 STAGE = "stage1"
@@ -32,16 +32,7 @@ def main(acc, cfg: TrainConfig) -> FitResult:
     extend_tokenizer(tokenizer, cfg.n_units, stage2=False)
     model = load_model(base, precision=cfg.precision)
     resize_model(model, tokenizer)
-    train, val = split_heldout(read_unit_lines(cfg.data, cfg.n_units), cfg.eval_examples, cfg.data)
-    return fit(
-        acc,
-        cfg,
-        model,
-        tokenizer,
-        unit_blocks(train, tokenizer, cfg.block_size),
-        unit_blocks(val, tokenizer, cfg.block_size),
-        STAGE,
-    )
+    return fit_heldout(acc, cfg, model, tokenizer, read_unit_lines(cfg.data, cfg.n_units), unit_blocks, STAGE)
 
 
 if __name__ == "__main__":

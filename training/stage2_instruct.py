@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from training.config import parse_args
 from training.data.formats import read_records
-from training.examples import record_examples, split_heldout
-from training.fit import FitResult, TrainConfig, fit, make_accelerator
+from training.examples import fit_heldout, record_examples
+from training.fit import FitResult, TrainConfig, make_accelerator
 from training.lm import load_model, load_tokenizer, resolve_base
 
 STAGE = "stage2"
@@ -32,16 +32,7 @@ def main(acc, cfg: TrainConfig) -> FitResult:
     extend_tokenizer(tokenizer, cfg.n_units, stage2=True)
     model = load_model(base, precision=cfg.precision)
     resize_model(model, tokenizer)
-    train, val = split_heldout(read_records(cfg.data), cfg.eval_examples, cfg.data)
-    return fit(
-        acc,
-        cfg,
-        model,
-        tokenizer,
-        record_examples(train, tokenizer, cfg.block_size),
-        record_examples(val, tokenizer, cfg.block_size),
-        STAGE,
-    )
+    return fit_heldout(acc, cfg, model, tokenizer, read_records(cfg.data), record_examples, STAGE)
 
 
 if __name__ == "__main__":

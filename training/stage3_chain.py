@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from training.config import ConfigError, parse_args
 from training.data.formats import read_records
-from training.examples import record_examples, split_heldout
-from training.fit import FitResult, TrainConfig, fit, make_accelerator
+from training.examples import fit_heldout, record_examples
+from training.fit import FitResult, TrainConfig, make_accelerator
 from training.lm import add_lora, load_model, load_tokenizer, resolve_base
 
 STAGE = "stage3"
@@ -31,16 +31,7 @@ def main(acc, cfg: TrainConfig) -> FitResult:
     tokenizer = load_tokenizer(base, n_units=cfg.n_units, stage2=True)  # must already be a stage-2 model
     model = load_model(base, quant=cfg.quant, precision=cfg.precision)
     model = add_lora(model, cfg.lora, quantized=cfg.quant != "none", gradient_checkpointing=cfg.gradient_checkpointing)
-    train, val = split_heldout(read_records(cfg.data), cfg.eval_examples, cfg.data)
-    return fit(
-        acc,
-        cfg,
-        model,
-        tokenizer,
-        record_examples(train, tokenizer, cfg.block_size),
-        record_examples(val, tokenizer, cfg.block_size),
-        STAGE,
-    )
+    return fit_heldout(acc, cfg, model, tokenizer, read_records(cfg.data), record_examples, STAGE)
 
 
 if __name__ == "__main__":
