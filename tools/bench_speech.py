@@ -24,25 +24,10 @@ import torch
 
 from speechgpt_app.audio import SAMPLE_RATE, load_audio
 from speechgpt_app.units import HubertFeatures, SpeechConfig, SpeechTokenizer
-from speechgpt_app.vocoder import CodeHiFiGAN, Vocoder, VocoderConfig
+from speechgpt_app.vocoder import RELEASED_CONFIG, CodeHiFiGAN, Vocoder, VocoderConfig
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "LJ050-0131.wav"
-# The released vocoder's network (REFERENCE.md section 5).
-RELEASED_VOCODER = {
-    "resblock": "1",
-    "upsample_rates": [5, 4, 4, 2, 2],
-    "upsample_kernel_sizes": [11, 8, 8, 4, 4],
-    "upsample_initial_channel": 512,
-    "resblock_kernel_sizes": [3, 7, 11],
-    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-    "num_embeddings": 1000,
-    "embedding_dim": 128,
-    "model_in_dim": 128,
-    "dur_predictor_params": {"encoder_embed_dim": 128, "var_pred_hidden_dim": 128, "var_pred_kernel_size": 3,
-                             "var_pred_dropout": 0.5},
-    "sampling_rate": 16000,
-    "code_hop_size": 320,
-}
+RELEASED_VOCODER = RELEASED_CONFIG  # the released vocoder's network (REFERENCE.md section 5)
 N_UNITS = 1000
 HUBERT_LAYER = 11
 
