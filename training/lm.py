@@ -53,6 +53,23 @@ def load_model(path: str, quant: str = "none", precision: str = "fp32"):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+def load_extended(base: str, n_units: int, stage2: bool, precision: str = "fp32"):
+    """(tokenizer, model) of `base` with the stage's tokens added and the embeddings grown to match.
+
+    Stage 1 adds the units and `<sosp>`/`<eosp>` to a plain base; stage 2 (`stage2=True`) adds its
+    four tokens to a stage-1 model, which must already hold exactly these `n_units` units.
+    """
+    from speechgpt_app.vocab import check_vocabulary, extend_tokenizer, resize_model
+
+    tokenizer = load_tokenizer(base)
+    if stage2:
+        check_vocabulary(tokenizer, n_units, stage2=False)  # a stage-1 model, for these units
+    extend_tokenizer(tokenizer, n_units, stage2=stage2)
+    model = load_model(base, precision=precision)
+    resize_model(model, tokenizer)
+    return tokenizer, model
+
+
 def add_lora(model, lora: LoraArgs, quantized: bool, gradient_checkpointing: bool):
     """Wrap `model` in a PEFT LoRA; only the adapter trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

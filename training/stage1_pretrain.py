@@ -13,7 +13,7 @@ from training.config import parse_args
 from training.data.formats import read_unit_lines
 from training.examples import fit_heldout, unit_blocks
 from training.fit import FitResult, TrainConfig, make_accelerator
-from training.lm import load_model, load_tokenizer, resolve_base
+from training.lm import load_extended, resolve_base
 
 STAGE = "stage1"
 
@@ -25,13 +25,9 @@ def setup(cfg: TrainConfig) -> FitResult:
 
 def main(acc, cfg: TrainConfig) -> FitResult:
     """Extend the base's vocabulary with the stage-1 tokens and pretrain on packed unit lines."""
-    from speechgpt_app.vocab import extend_tokenizer, resize_model
-
-    base = resolve_base(cfg.base)
-    tokenizer = load_tokenizer(base)
-    extend_tokenizer(tokenizer, cfg.n_units, stage2=False)
-    model = load_model(base, precision=cfg.precision)
-    resize_model(model, tokenizer)
+    tokenizer, model = load_extended(
+        resolve_base(cfg.base), cfg.n_units, stage2=False, precision=cfg.precision
+    )
     return fit_heldout(acc, cfg, model, tokenizer, read_unit_lines(cfg.data, cfg.n_units), unit_blocks, STAGE)
 
 

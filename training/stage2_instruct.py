@@ -12,7 +12,7 @@ from training.config import parse_args
 from training.data.formats import read_records
 from training.examples import fit_heldout, record_examples
 from training.fit import FitResult, TrainConfig, make_accelerator
-from training.lm import load_model, load_tokenizer, resolve_base
+from training.lm import load_extended, resolve_base
 
 STAGE = "stage2"
 
@@ -24,14 +24,9 @@ def setup(cfg: TrainConfig) -> FitResult:
 
 def main(acc, cfg: TrainConfig) -> FitResult:
     """Add the stage-2 tokens to the stage-1 model and finetune every weight on cross-modal records."""
-    from speechgpt_app.vocab import check_vocabulary, extend_tokenizer, resize_model
-
-    base = resolve_base(cfg.base)
-    tokenizer = load_tokenizer(base)
-    check_vocabulary(tokenizer, cfg.n_units, stage2=False)  # a stage-1 model, for these units
-    extend_tokenizer(tokenizer, cfg.n_units, stage2=True)
-    model = load_model(base, precision=cfg.precision)
-    resize_model(model, tokenizer)
+    tokenizer, model = load_extended(
+        resolve_base(cfg.base), cfg.n_units, stage2=True, precision=cfg.precision
+    )
     return fit_heldout(acc, cfg, model, tokenizer, read_records(cfg.data), record_examples, STAGE)
 
 
