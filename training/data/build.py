@@ -1,10 +1,13 @@
 """SpeechInstruct builder: manifests and instruction text -> stage-1 unit lines, stage-2/3 records.
 
     python -m training.data.build synth  --texts sentences.txt --out runs/tiny/corpus
-    python -m training.data.build speech --manifest runs/tiny/corpus/manifest.jsonl --n-units 64 --out runs/tiny/speech
-    python -m training.data.build stage1 --manifest M --speech-dir S --out units.txt
-    python -m training.data.build stage2 --manifest M --speech-dir S --out stage2.jsonl
+    python -m training.data.build speech --corpus runs/tiny/corpus/manifest.jsonl --n-units 64 --out runs/tiny/speech
+    python -m training.data.build stage1 --corpus C --speech-dir S --out units.txt
+    python -m training.data.build stage2 --corpus C --speech-dir S --out stage2.jsonl
     python -m training.data.build stage3 --instructions I.jsonl --speech-dir S --out stage3.jsonl
+
+A corpus C (`--corpus`, or its old name `--manifest`) is a JSONL manifest, a LibriSpeech or LibriLight
+directory, or a Hub dataset `hf://ORG/NAME[@REVISION][/FOLDER-OR-GLOB]` (see corpora.py, FORMATS.md).
 
 Every command is resumable: items are processed in a fixed order, each item's lines are appended
 whole, and `<out>.progress` records how many items and bytes are done, so a killed build restarts
@@ -21,6 +24,7 @@ import logging
 import os
 import random
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,13 +35,8 @@ from typing import Any
 import numpy as np
 
 from training.data import synth
-from training.data.formats import (
-    DataFormatError,
-    ManifestEntry,
-    Record,
-    read_manifest,
-    record_line,
-)
+from training.data.corpora import Corpus, CorpusError, Utterance, open_corpus
+from training.data.formats import DataFormatError, Record, record_line
 from training.data.tasks import pick_task
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,7 @@ DEFAULT_ANSWER_VOICE = "espeak-ng:en-us"  # one voice for answers: the vocoder s
 DEFAULT_MAX_CHARS = 400  # longer questions/answers are skipped: their units would not fit the block
 KMEANS_MAX_FRAMES = 200_000  # frames sampled to fit the tiny speech tokenizer's centres
 MAX_SECONDS = 3600.0  # corpus recordings (LibriLight) run far past the app's 20 s upload limit
+PREFETCH_PER_WORKER = 4  # items in flight per worker: keeps the pool busy without reading a corpus ahead
 
 
 class BuildError(RuntimeError):
@@ -117,19 +117,22 @@ def _safe(fn: Callable[[Any], list[str]], item: Any) -> tuple[list[str], str | N
 
 
 def run_items(
-    items: Sequence[Any],
+    items: Sequence[Any] | Corpus,
     fn: Callable[[Any], list[str]],
     out: Path,
     speech_dir: str | None,
     workers: int,
     desc: str,
 ) -> Progress:
-    """Apply `fn` to items[done:] in order and append its lines to `out`, recording progress per item."""
+    """Apply `fn` to items[done:] in order and append its lines to `out`, recording progress per item.
+
+    A Corpus is read lazily from the first item not done; `fn` gets (index, item)."""
     from tqdm import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
     progress = read_progress(out)
-    todo = list(enumerate(items))[progress.items :]
+    rest = items.iter_from(progress.items) if isinstance(items, Corpus) else iter(items[progress.items :])
+    todo = enumerate(rest, progress.items)
     skipped = 0
     with out.open("ab") as f, tqdm(total=len(items), initial=progress.items, desc=desc, unit="item") as bar:
         for lines, reason in _map(partial(_safe, fn), todo, speech_dir, workers):
@@ -146,8 +149,9 @@ def run_items(
     return progress
 
 
-def _map(fn: Callable, items: list, speech_dir: str | None, workers: int) -> Iterator:
-    """Ordered map, in a process pool unless workers == 0."""
+def _map(fn: Callable, items: Iterator, speech_dir: str | None, workers: int) -> Iterator:
+    """Ordered map, in a process pool unless workers == 0. At most PREFETCH_PER_WORKER items per worker
+    are in flight (Executor.map would submit, and so read, the whole corpus at once)."""
     if workers == 0:
         _init_worker(speech_dir)
         yield from map(fn, items)
@@ -156,7 +160,13 @@ def _map(fn: Callable, items: list, speech_dir: str | None, workers: int) -> Ite
 
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(speech_dir,)) as pool:
-        yield from pool.map(fn, items, chunksize=1)
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers * PREFETCH_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def item_rng(seed: int, index: int) -> random.Random:
@@ -176,32 +186,34 @@ def _units(wav: np.ndarray) -> list[int]:
     return units
 
 
-def _audio_units(path: str) -> list[int]:
+def _audio_units(utt: Utterance) -> list[int]:
     from speechgpt_app.audio import AudioError, AudioLimits, load_audio
 
     try:
-        return _units(load_audio(path, limits=AudioLimits(max_seconds=MAX_SECONDS)))
+        return _units(load_audio(utt.audio, limits=AudioLimits(max_seconds=MAX_SECONDS)))
     except (AudioError, OSError, ValueError) as e:
-        raise ItemSkipped(f"{path}: {e}") from e
+        raise ItemSkipped(f"{utt.key}: {e}") from e
 
 
-def stage1_item(indexed: tuple[int, ManifestEntry]) -> list[str]:
+def stage1_item(indexed: tuple[int, Utterance]) -> list[str]:
     """One unit line for one recording."""
     from speechgpt_app.units import units_to_text
 
-    return [units_to_text(_audio_units(indexed[1].audio))]
+    return [units_to_text(_audio_units(indexed[1]))]
 
 
-def stage2_item(indexed: tuple[int, ManifestEntry], seed: int, directions: tuple[str, ...], app_share: float) -> list[str]:
+def stage2_item(indexed: tuple[int, Utterance], seed: int, directions: tuple[str, ...], app_share: float) -> list[str]:
     """One ASR- or TTS-style record for one (audio, transcript) pair."""
     from speechgpt_app import prompt
 
     index, entry = indexed
+    if not entry.text:  # a Hub dataset's text column may hold nulls
+        raise ItemSkipped(f"{entry.key}: no transcript")
     rng = item_rng(seed, index)
     direction = rng.choice(directions)
     task = pick_task(direction, rng)
     use_app = rng.random() < app_share
-    units = _audio_units(entry.audio)
+    units = _audio_units(entry)
     unit_text = prompt.units_to_text(units)
     try:
         if direction == "asr":
@@ -211,7 +223,7 @@ def stage2_item(indexed: tuple[int, ManifestEntry], seed: int, directions: tuple
             app_user = prompt.user_message("speak", text=entry.text)
             answer = prompt.format_answer(units=units)
     except prompt.PromptError as e:
-        raise ItemSkipped(f"{entry.audio}: {e}") from e
+        raise ItemSkipped(f"{entry.key}: {e}") from e
     user = app_user if use_app else task + prompt.INPUT_MARKER + (unit_text if direction == "asr" else entry.text)
     return [record_line(Record(prompt.SYSTEM_PROMPT, prompt.format_exchange(user, answer)))]
 
@@ -298,29 +310,29 @@ def _need(path: str | Path, what: str, hint: str) -> Path:
 
 
 SPEECH_HINT = "build one with `python -m training.data.build speech` or pass a released speech dir"
-MANIFEST_HINT = (
-    "write a JSONL manifest with one {\"audio\": path, \"text\": transcript} per line "
-    "(LibriSpeech: https://www.openslr.org/12, LibriLight: https://github.com/facebookresearch/libri-light)"
-)
 
 
-def _manifest(path: str, need_text: bool) -> list[ManifestEntry]:
-    entries = read_manifest(_need(path, "manifest", MANIFEST_HINT))
-    if need_text:
-        missing = [i for i, e in enumerate(entries, 1) if not e.text]
-        if missing:
-            raise BuildError(f"{path}: stage 2 needs a transcript ('text') on every line; line {missing[0]} has none")
-    return entries
+def _corpus(source: str, need_text: bool) -> Corpus:
+    """The corpus `source` names (corpora.open_corpus); stage 2 needs a transcript for every recording."""
+    try:
+        corpus = open_corpus(source)
+    except CorpusError as e:
+        raise BuildError(str(e)) from e
+    if need_text and corpus.missing_text:
+        raise BuildError(
+            f"{source}: stage 2 needs (audio, transcript) pairs, a transcript for every recording; {corpus.missing_text}"
+        )
+    return corpus
 
 
-def build_stage1(manifest: str, speech_dir: str, out: str, workers: int) -> Progress:
-    """Unit lines of unlabelled audio (LibriLight in the reference)."""
+def build_stage1(corpus: str, speech_dir: str, out: str, workers: int) -> Progress:
+    """Unit lines of unlabelled audio (LibriLight in the reference) from any corpus (corpora.py)."""
     _need(speech_dir, "speech dir", SPEECH_HINT)
-    return run_items(_manifest(manifest, False), stage1_item, Path(out), speech_dir, workers, "stage1")
+    return run_items(_corpus(corpus, False), stage1_item, Path(out), speech_dir, workers, "stage1")
 
 
 def build_stage2(
-    manifest: str,
+    corpus: str,
     speech_dir: str,
     out: str,
     workers: int,
@@ -328,8 +340,8 @@ def build_stage2(
     directions: Sequence[str] = ("asr", "tts"),
     app_share: float = APP_INSTRUCTION_SHARE,
 ) -> Progress:
-    """One ASR- or TTS-style record per transcribed recording; `app_share` of them use the app's
-    own instruction (prompt.user_message), the rest one of tasks.py's descriptions."""
+    """One ASR- or TTS-style record per transcribed recording of `corpus` (corpora.py); `app_share` of
+    them use the app's own instruction (prompt.user_message), the rest one of tasks.py's descriptions."""
     bad = sorted(set(directions) - {"asr", "tts"})
     if bad or not directions:
         raise BuildError(f"directions must be asr and/or tts, got {list(directions)}")
@@ -337,7 +349,7 @@ def build_stage2(
         raise BuildError(f"app_share must be between 0 and 1, got {app_share}")
     _need(speech_dir, "speech dir", SPEECH_HINT)
     fn = partial(stage2_item, seed=seed, directions=tuple(directions), app_share=app_share)
-    return run_items(_manifest(manifest, True), fn, Path(out), speech_dir, workers, "stage2")
+    return run_items(_corpus(corpus, True), fn, Path(out), speech_dir, workers, "stage2")
 
 
 def read_instructions(path: str) -> list[dict]:
@@ -404,8 +416,8 @@ def build_synth_corpus(texts: str, out_dir: str, workers: int, seed: int, backen
     return out
 
 
-def fit_speech_dir(manifest: str, out: str, n_units: int, seed: int, max_frames: int = KMEANS_MAX_FRAMES) -> Path:
-    """A `logmel` speech tokenizer whose centres are units.kmeans of the manifest audio's frames."""
+def fit_speech_dir(corpus: str, out: str, n_units: int, seed: int, max_frames: int = KMEANS_MAX_FRAMES) -> Path:
+    """A `logmel` speech tokenizer whose centres are units.kmeans of the corpus audio's frames."""
     import torch
 
     from speechgpt_app.audio import AudioLimits, load_audio
@@ -415,13 +427,16 @@ def fit_speech_dir(manifest: str, out: str, n_units: int, seed: int, max_frames:
     extractor = extractor_from_config(config, out)
     limits = AudioLimits(max_seconds=MAX_SECONDS)
     frames = np.concatenate(
-        [extractor(torch.from_numpy(load_audio(e.audio, limits=limits))).numpy() for e in _manifest(manifest, False)]
+        [extractor(torch.from_numpy(load_audio(u.audio, limits=limits))).numpy() for u in _corpus(corpus, False)]
     )
     if len(frames) > max_frames:  # a seeded sample keeps k-means time bounded on large corpora
         frames = frames[np.random.default_rng(seed).choice(len(frames), max_frames, replace=False)]
     centres = kmeans(torch.from_numpy(frames), n_units, seed=seed)
     SpeechTokenizer(config, extractor, centres).save(out)
     return Path(out)
+
+
+CORPUS_HELP = "a JSONL manifest, a LibriSpeech/LibriLight directory, or hf://ORG/NAME[@REVISION][/FOLDER-OR-GLOB]"
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -440,7 +455,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     s.add_argument("--out", required=True, help="corpus directory (wav/ + manifest.jsonl)")
     s.add_argument("--backends", type=_csv, default=("espeak-ng", "flite"))
     sp = sub.add_parser("speech", parents=[common], help="fit a logmel speech tokenizer (k-means)")
-    sp.add_argument("--manifest", required=True)
+    sp.add_argument("--corpus", "--manifest", dest="corpus", required=True, help=CORPUS_HELP)
     sp.add_argument("--n-units", type=int, required=True)
     sp.add_argument("--out", required=True)
     for name in ("stage1", "stage2", "stage3"):
@@ -454,7 +469,7 @@ def main(argv: Iterable[str] | None = None) -> None:
             p.add_argument("--answer-voice", default=DEFAULT_ANSWER_VOICE, help="backend:voice, '' = draw per record")
             p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS)
         else:
-            p.add_argument("--manifest", required=True)
+            p.add_argument("--corpus", "--manifest", dest="corpus", required=True, help=CORPUS_HELP)
         if name == "stage2":
             p.add_argument("--directions", type=_csv, default=("asr", "tts"))
             p.add_argument("--app-share", type=float, default=APP_INSTRUCTION_SHARE, help="records using the app's instruction")
@@ -464,16 +479,16 @@ def main(argv: Iterable[str] | None = None) -> None:
         if a.cmd == "synth":
             print(build_synth_corpus(a.texts, a.out, a.workers, a.seed, a.backends))
         elif a.cmd == "speech":
-            print(fit_speech_dir(a.manifest, a.out, a.n_units, a.seed))
+            print(fit_speech_dir(a.corpus, a.out, a.n_units, a.seed))
         elif a.cmd == "stage1":
-            build_stage1(a.manifest, a.speech_dir, a.out, a.workers)
+            build_stage1(a.corpus, a.speech_dir, a.out, a.workers)
         elif a.cmd == "stage2":
-            build_stage2(a.manifest, a.speech_dir, a.out, a.workers, a.seed, a.directions, a.app_share)
+            build_stage2(a.corpus, a.speech_dir, a.out, a.workers, a.seed, a.directions, a.app_share)
         else:
             build_stage3(
                 a.instructions, a.speech_dir, a.out, a.workers, a.seed, a.formats, a.backends, a.answer_voice, a.max_chars
             )
-    except (BuildError, DataFormatError, synth.SynthError) as e:
+    except (BuildError, CorpusError, DataFormatError, synth.SynthError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -71,10 +71,10 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             yield n, obj
 
 
-def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """`{"audio": path, "text": optional}` per line; relative audio paths are relative to the manifest."""
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, ManifestEntry]]:
+    """(line number, entry) per `{"audio": path, "text": optional}` line, read lazily; relative audio
+    paths are relative to the manifest."""
     path = Path(path)
-    entries = []
     for n, obj in _json_lines(path):
         if not isinstance(obj.get("audio"), str):
             raise DataFormatError(f"{path}:{n}: needs an 'audio' path")
@@ -83,8 +83,12 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         text = obj.get("text")
         if text is not None and not isinstance(text, str):
             raise DataFormatError(f"{path}:{n}: 'text' must be a string")
-        entries.append(ManifestEntry(str(audio), text))
-    return entries
+        yield n, ManifestEntry(str(audio), text)
+
+
+def read_manifest(path: str | Path) -> list[ManifestEntry]:
+    """All entries of a manifest (see `iter_manifest`)."""
+    return [entry for _, entry in iter_manifest(path)]
 
 
 def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> None:
