@@ -131,19 +131,33 @@ class ModelNameError(ValueError):
     """A model name that is neither a bundle directory nor a known preset."""
 
 
-def cache_dir() -> Path:
-    """`$HF_HOME/speechgpt` (default `~/.cache/huggingface/speechgpt`), read at call time."""
-    home = os.environ.get("HF_HOME")
-    if not home:
-        from huggingface_hub import constants
+def hf_home() -> Path:
+    """`$HF_HOME` (default `~/.cache/huggingface`), read at call time: huggingface_hub fixes its
+    constants when first imported, and launchers and tests set the variable later."""
+    from huggingface_hub import constants
 
-        home = constants.HF_HOME
-    return Path(home).expanduser() / CACHE_SUBDIR
+    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+
+
+def cache_dir() -> Path:
+    """`$HF_HOME/speechgpt`: the released fairseq files, conversions, presets."""
+    return hf_home() / CACHE_SUBDIR
+
+
+def hub_cache() -> Path:
+    """The Hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`."""
+    explicit = os.environ.get("HF_HUB_CACHE")
+    return Path(explicit).expanduser() if explicit else hf_home() / "hub"
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE set to a true value (read at call time, so tests and launchers can set it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    """`HF_HUB_OFFLINE` as set now (a true value: 1/on/yes/true), else huggingface_hub's own setting."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    if flag:
+        return flag in {"1", "ON", "YES", "TRUE"}
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def sha256_file(path: Path) -> str:

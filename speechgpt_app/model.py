@@ -32,6 +32,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from speechgpt_app.loaders import hf_home, hub_cache, offline
 from speechgpt_app.vocab import VocabularyError, check_vocabulary, count_units, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,6 @@ def resolve_location(location: str | Path, what: str, adapter: bool = False) -> 
     return _snapshot(str(location), what, adapter)
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or constants.HF_HUB_OFFLINE
-
-
 def _snapshot(repo_id: str, what: str, adapter: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -206,13 +200,13 @@ def _snapshot(repo_id: str, what: str, adapter: bool) -> Path:
         OfflineModeIsEnabled,
     )
 
-    offline = _hub_offline()
+    no_network = offline()
     weights = ["adapter_model.*"] if adapter else ["*.safetensors", "*.safetensors.index.json"]
 
     def fetch(patterns: list[str]) -> Path:
         return Path(
             snapshot_download(
-                repo_id, allow_patterns=_HUB_META + patterns, local_files_only=offline, cache_dir=_hub_cache()
+                repo_id, allow_patterns=_HUB_META + patterns, local_files_only=no_network, cache_dir=hub_cache()
             )
         )
 
@@ -227,10 +221,10 @@ def _snapshot(repo_id: str, what: str, adapter: bool) -> Path:
             f"run `hf download {repo_id}` again while online"
         ) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"the Hub could not be reached ({e})"
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if no_network else f"the Hub could not be reached ({e})"
         raise ModelLoadError(
             f"the {what} {repo_id!r} is not a local directory and is not in the Hugging Face cache "
-            f"({_hub_cache()}), and {why}. Download it once with `hf download {repo_id}` (online), "
+            f"({hub_cache()}), and {why}. Download it once with `hf download {repo_id}` (online), "
             "or point to a local directory"
         ) from e
     except (HfHubHTTPError, OSError) as e:
@@ -282,19 +276,6 @@ def _check_rows(model_dir: Path, n_tokens: int) -> None:
         )
 
 
-def _hf_home() -> Path:
-    # Read the environment at call time: huggingface_hub fixes its constants when first imported.
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
-
-
-def _hub_cache() -> Path:
-    """The Hub cache: $HF_HUB_CACHE, else $HF_HOME/hub."""
-    explicit = os.environ.get("HF_HUB_CACHE")
-    return Path(explicit).expanduser() if explicit else _hf_home() / "hub"
-
-
 def _cache_name(location: str | Path, model_dir: Path) -> str:
     if not Path(location).expanduser().is_dir():  # a Hub id: fnlp/SpeechGPT-7B-cm -> fnlp--SpeechGPT-7B-cm
         return str(location).replace("/", "--")
@@ -304,7 +285,7 @@ def _cache_name(location: str | Path, model_dir: Path) -> str:
 
 def converted_dir(name: str) -> Path:
     """Where the bf16 safetensors conversion of model `name` lives (`$HF_HOME/speechgpt/converted/`)."""
-    return _hf_home() / CONVERTED_SUBDIR / f"{name}--bf16"
+    return hf_home() / CONVERTED_SUBDIR / f"{name}--bf16"
 
 
 def ensure_safetensors(model_dir: Path, name: str) -> Path:

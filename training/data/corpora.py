@@ -211,9 +211,9 @@ def _hub_snapshot(spec: HubSpec) -> Path:
         RevisionNotFoundError,
     )
 
-    from speechgpt_app.model import _hub_cache, _hub_offline
+    from speechgpt_app.loaders import hub_cache, offline
 
-    offline = _hub_offline()
+    no_network = offline()
     local = f"or pass a local LibriSpeech/LibriLight directory or a JSONL manifest instead ({FORMS})"
     try:
         return Path(
@@ -222,15 +222,15 @@ def _hub_snapshot(spec: HubSpec) -> Path:
                 repo_type="dataset",
                 revision=spec.revision,
                 allow_patterns=[spec.pattern],
-                local_files_only=offline,
-                cache_dir=_hub_cache(),
+                local_files_only=no_network,
+                cache_dir=hub_cache(),
             )
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, IncompleteSnapshotError) as e:
-        why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"the Hub could not be reached ({e})"
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if no_network else f"the Hub could not be reached ({e})"
         raise CorpusError(
             f"the dataset {spec.repo_id!r} ({spec.pattern}) is not (completely) in the Hugging Face cache "
-            f"({_hub_cache()}), and {why}. Download it once with `{spec.download_command()}` (online), {local}"
+            f"({hub_cache()}), and {why}. Download it once with `{spec.download_command()}` (online), {local}"
         ) from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise CorpusError(f"the Hub has no dataset {spec.repo_id!r} (revision {spec.revision or 'main'}): {e}; {local}") from e
