@@ -119,6 +119,19 @@ class MissingWeightsError(RuntimeError):
         super().__init__(f"{what} is not available: {reason}. To provide it by hand, download {url} to {self.path}")
 
 
+class PresetUnavailableError(MissingWeightsError):
+    """Offline, a preset misses several parts at once: each is listed with where to get it."""
+
+    def __init__(self, name: str, missing: list[str]) -> None:
+        self.missing = list(missing)
+        RuntimeError.__init__(
+            self,
+            f"the {name!r} model cannot be assembled: HF_HUB_OFFLINE is set, so nothing can be downloaded, "
+            f"and {len(missing)} part(s) are missing:\n" + "\n".join(f"  - {m}" for m in missing)
+            + "\nProvide them (or unset HF_HUB_OFFLINE to download them) and run again.",
+        )
+
+
 class DiskSpaceError(MissingWeightsError):
     """Not enough free disk space for a download."""
 
@@ -132,11 +145,11 @@ class ModelNameError(ValueError):
 
 
 def hf_home() -> Path:
-    """`$HF_HOME` (default `~/.cache/huggingface`), read at call time: huggingface_hub fixes its
-    constants when first imported, and launchers and tests set the variable later."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+    """`$HF_HOME` (default `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`, as
+    huggingface_hub's), read at call time: huggingface_hub fixes its constants when first
+    imported, and launchers and tests set or unset the variables later."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(os.path.expandvars(os.environ.get("HF_HOME") or default)).expanduser()
 
 
 def cache_dir() -> Path:
@@ -324,10 +337,45 @@ def ensure_released_speech_dir(progress: bool = True) -> Path:
     return out
 
 
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    """Whether `filename` of Hub repo `repo_id` is in the Hub cache (model.py checks the rest)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache()), str)
+
+
+def missing_offline(spec: ReleasedSpec) -> list[str]:
+    """Every part of a preset that is neither on disk nor in the Hub cache, each with how to get it.
+
+    Offline, the parts would otherwise fail one at a time (mHuBERT first, the LM only after the
+    speech files are converted); listing them all at once saves a user several round trips.
+    """
+    from speechgpt_app.units import SPEECH_JSON
+
+    missing = []
+    if not (spec.speech_dir / SPEECH_JSON).is_file():
+        for f in RELEASED.values():
+            dest = cache_dir() / f.filename
+            if not dest.is_file():
+                missing.append(f"{f.what}: download {f.url} to {dest}")
+    hub = [("language model", spec.lm, "config.json")]
+    if spec.adapter:
+        hub.append(("LoRA adapter", spec.adapter, "adapter_config.json"))
+    for what, repo_id, marker in hub:
+        if not _hub_cached(repo_id, marker):
+            missing.append(
+                f"{what} {repo_id} (Hugging Face Hub, not in the cache {hub_cache()}): "
+                f"run `hf download {repo_id}` while online"
+            )
+    return missing
+
+
 def _ensure_preset(spec: ReleasedSpec) -> Path:
     """Write the preset's bundle.json beside its converted speech directory."""
     from speechgpt_app.bundle import BUNDLE_FILE, BundleInfo, read_bundle, write_bundle
 
+    if offline() and (missing := missing_offline(spec)):
+        raise PresetUnavailableError(spec.name, missing)
     ensure_released_speech_dir()
     if not (spec.bundle_dir / BUNDLE_FILE).is_file():
         info = BundleInfo(

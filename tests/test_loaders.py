@@ -231,13 +231,79 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_model("gpt-5")
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="mhubert_base_vp_en_es_fr_it3.pt"):
         resolve_model("speechgpt-7b")
-    # once the speech directory is converted, the preset is a bundle pointing at the Hub
+    # once the speech directory is converted and the Hub repos are cached, the preset is a bundle
+    # pointing at the Hub
     write_speech_config(loaders.PRESETS["speechgpt-7b"].speech_dir, SpeechConfig(n_units=1000))
+    _cache_hub_file(tmp_path / "hf" / "hub", "fnlp/SpeechGPT-7B-cm", "config.json")
+    _cache_hub_file(tmp_path / "hf" / "hub", "fnlp/SpeechGPT-7B-com", "adapter_config.json")
     path = resolve_model("speechgpt-7b")
     info = read_bundle(path)
     assert path == tmp_path / "hf" / "speechgpt" / "speechgpt-7b"
     assert info.lm == {"hub": "fnlp/SpeechGPT-7B-cm"} and info.adapter == {"hub": "fnlp/SpeechGPT-7B-com"}
     assert info.n_units == 1000 and info.prompt_style == "released"
+
+
+def _cache_hub_file(hub: Path, repo_id: str, filename: str) -> None:
+    """One file of a Hub repo laid out as huggingface_hub's cache keeps it (refs/main -> snapshot)."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / commit / filename).write_text("{}")
+
+
+@pytest.fixture
+def offline_empty(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """HF_HUB_OFFLINE=1 and an empty HF_HOME in tmp; returns HF_HOME."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf"
+
+
+def _assert_names_every_part(message: str, home: Path, hub_ids: tuple[str, ...]) -> None:
+    for f in loaders.RELEASED.values():
+        assert f"download {f.url} to {home / 'speechgpt' / f.filename}" in message
+    for repo_id in hub_ids:
+        assert f"hf download {repo_id}" in message
+    assert message.count("\n  - ") == len(loaders.RELEASED) + len(hub_ids)
+
+
+def test_offline_preset_lists_every_missing_part_at_once(offline_empty: Path) -> None:
+    with pytest.raises(MissingWeightsError) as err:
+        resolve_model("speechgpt-7b")
+    _assert_names_every_part(str(err.value), offline_empty, ("fnlp/SpeechGPT-7B-cm", "fnlp/SpeechGPT-7B-com"))
+    assert not (offline_empty / "speechgpt" / "speechgpt-7b" / "bundle.json").exists()
+
+    # parts already there are not listed: the fairseq files, then the LM
+    for f in loaders.RELEASED.values():
+        (offline_empty / "speechgpt").mkdir(parents=True, exist_ok=True)
+        (offline_empty / "speechgpt" / f.filename).write_bytes(b"x")
+    _cache_hub_file(offline_empty / "hub", "fnlp/SpeechGPT-7B-cm", "config.json")
+    with pytest.raises(MissingWeightsError) as err:
+        resolve_model("speechgpt-7b")
+    assert "fnlp/SpeechGPT-7B-cm" not in str(err.value) and "dl.fbaipublicfiles.com" not in str(err.value)
+    assert "hf download fnlp/SpeechGPT-7B-com" in str(err.value)
+
+
+def test_offline_preset_fails_fast_from_pipeline_and_ask(offline_empty: Path, capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    from speechgpt_app.cli import main
+    from speechgpt_app.pipeline import Pipeline
+
+    hub_ids = ("fnlp/SpeechGPT-7B-cm", "fnlp/SpeechGPT-7B-com")
+    start = time.perf_counter()
+    with pytest.raises(MissingWeightsError) as err:
+        Pipeline.load("speechgpt-7b")
+    _assert_names_every_part(str(err.value), offline_empty, hub_ids)
+    assert main(["ask", "--model", "speechgpt-7b", "--text", "hi"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ")
+    _assert_names_every_part(message, offline_empty, hub_ids)
+    assert time.perf_counter() - start < 30  # nothing is loaded or converted before the refusal
