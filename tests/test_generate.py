@@ -194,6 +194,13 @@ def test_greedy_when_not_sampling_or_at_temperature_zero():
         assert choose_token(logits, options, make_generator(0)) == 1
 
 
+def test_defaults_are_the_released_inference_settings():
+    # REFERENCE.md §4, spelled out by hand: sampling at 0.7 / top-p 0.8 / top-k 50, 2048 new tokens, at least 10.
+    o = SamplingOptions()
+    assert (o.do_sample, o.temperature, o.top_p, o.top_k) == (True, 0.7, 0.8, 50)
+    assert (o.max_new_tokens, o.min_new_tokens, o.greedy) == (2048, 10, False)
+
+
 def test_options_reject_bad_values():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):

@@ -245,6 +245,7 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert path == tmp_path / "hf" / "speechgpt" / "speechgpt-7b"
     assert info.lm == {"hub": "fnlp/SpeechGPT-7B-cm"} and info.adapter == {"hub": "fnlp/SpeechGPT-7B-com"}
     assert info.n_units == 1000 and info.prompt_style == "released"
+    assert info.context_length == 2048 and not info.generation  # LLaMA-1 7B; the released sampling settings
 
 
 def _cache_hub_file(hub: Path, repo_id: str, filename: str) -> None:

@@ -207,6 +207,13 @@ def test_gpu_only_quant_on_cpu_is_refused(quant):
         load_lm(LMSpec(tiny_lm_dir(N_UNITS), quant=quant, device="cpu"))
 
 
+def test_no_device_means_cpu_without_cuda_never_a_hard_coded_cuda(monkeypatch):
+    # REFERENCE.md §8: the reference hard-codes `cuda`; here no device means CUDA only when present.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = load_lm(LMSpec(tiny_lm_dir(N_UNITS), precision="fp32"))
+    assert lm.device == torch.device("cpu") and next(lm.model.parameters()).device == torch.device("cpu")
+
+
 def test_cuda_device_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelLoadError, match="asks for a CUDA GPU but this machine has none"):

@@ -148,6 +148,16 @@ def test_typed_chat_question(pipeline):
     assert events[-1].turn.heard == HEARD  # the script always "hears" the same words
 
 
+@pytest.mark.parametrize("task", ["chat", "speak"])
+def test_a_file_path_typed_as_text_is_sent_as_text_never_read(pipeline, lj_wav, task):
+    # REFERENCE.md §8: the reference opens any existing path found in the typed prompt (a file-read
+    # hole on a server); here typed text reaches the prompt character for character.
+    for typed in (str(lj_wav), f"Say this. This is input: {lj_wav}"):
+        request = pipeline.prepare(text=typed, options=Options(task=task))
+        assert request.user.endswith(typed) and "<sosp>" not in request.prompt
+        assert request.prompt.endswith(format_exchange(request.user))
+
+
 def test_cancel_mid_turn_ends_promptly(pipeline, lj_wav):
     cancel = threading.Event()
     events = []
@@ -280,6 +290,13 @@ def test_one_turn_at_a_time(pipeline, lj_wav):
     switches = [i for i in range(1, len(log)) if names[i] != names[i - 1]]
     assert len(switches) == 1 and log[switches[0] - 1][1] is End  # one whole turn, then the other
     assert [kind for _, kind in log].count(End) == 2
+
+
+def test_default_options_are_the_released_settings(pipeline):
+    # REFERENCE.md §4 by hand; a bundle without `generation` overrides (as the speechgpt-7b preset) keeps them.
+    want = (True, 0.7, 0.8, 50, 2048, 10)
+    for o in (Options(), pipeline.default_options):
+        assert (o.do_sample, o.temperature, o.top_p, o.top_k, o.max_new_tokens, o.min_new_tokens) == want
 
 
 def test_bundle_generation_defaults_and_bad_values(bundle, tmp_path):
