@@ -170,3 +170,12 @@ def sharded_bin_dir(n_units: int = 20, seed: int = 0, shards: int = 3) -> Path:
     for f in released_tokenizer_dir(n_units).iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+def fake_hub_cache(hub: Path, repo_id: str, files: Path) -> None:
+    """Lay `files` out as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files, repo / "snapshots" / commit)

@@ -380,6 +380,9 @@ def test_cli_without_files_uses_the_cache(released: dict[str, Path], tmp_path: P
     assert cli.main(["convert"]) == 0
     speech = Path(capsys.readouterr().out.strip())
     assert speech == loaders.PRESETS["speechgpt-7b"].speech_dir and (speech / "speech.json").is_file()
+    from speechgpt_app.units import read_speech_config
+
+    assert read_speech_config(speech).features["layer"] == 11  # the released units: fairseq output_layer=11
     hashes = json.loads((cache / "hashes.json").read_text())
     assert set(hashes["files"]) == {f.filename for f in loaders.RELEASED.values()}
 

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from lm_fixtures import fake_hub_cache
 
 from speechgpt_app import loaders
 from speechgpt_app.loaders import (
@@ -249,13 +250,11 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _cache_hub_file(hub: Path, repo_id: str, filename: str) -> None:
-    """One file of a Hub repo laid out as huggingface_hub's cache keeps it (refs/main -> snapshot)."""
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / commit / filename).write_text("{}")
+    """A Hub repo holding only `filename`, in the Hub cache (what the preset's offline check looks for)."""
+    files = hub.parent / "snapshot-files" / repo_id.replace("/", "--")
+    files.mkdir(parents=True)
+    (files / filename).write_text("{}")
+    fake_hub_cache(hub, repo_id, files)
 
 
 @pytest.fixture

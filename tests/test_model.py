@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_fixtures import lora_adapter_dir, released_tokenizer_dir, sharded_bin_dir, tiny_lm_dir
+from lm_fixtures import fake_hub_cache, lora_adapter_dir, released_tokenizer_dir, sharded_bin_dir, tiny_lm_dir
 from peft import PeftModel
 from safetensors import safe_open
 
@@ -169,15 +169,6 @@ def test_fp32_bin_is_converted_once_to_bf16_safetensors(tmp_path, monkeypatch):
     reference = load_lm(LMSpec(tiny_lm_dir(N_UNITS), precision="bf16", device="cpu"))  # same weights, safetensors, cast on load
     torch.testing.assert_close(logits(first), logits(reference), rtol=0, atol=0)
     torch.testing.assert_close(logits(second), logits(reference), rtol=0, atol=0)
-
-
-def fake_hub_cache(hub: Path, repo_id: str, files: Path) -> None:
-    """Lay `files` out as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(files, repo / "snapshots" / commit)
 
 
 def test_released_layout_from_the_hub_cache_offline(tmp_path, monkeypatch):

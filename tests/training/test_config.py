@@ -29,6 +29,25 @@ def test_7b_recipes_hold_the_reference_hyperparameters() -> None:
     assert (s3.block_size, s3.lr, s3.schedule, s3.warmup_ratio) == (1024, 2e-5, "cosine", 0.03)
     assert s3.lora == LoraArgs(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
     assert all(c.precision == "bf16" and c.gradient_checkpointing for c in (s1, s2, s3))
+    # stages 1-2 train every weight, stage 3 a LoRA on the reference's 8-bit base
+    assert (s1.lora, s1.quant, s2.lora, s2.quant, s3.quant) == (None, "none", None, "none", "int8")
+    assert s1.warmup_ratio == 0.0  # "5e-5 default, linear": the HF default schedule has no warmup
+    # The paper's scale: steps, and batch = micro x accum x GPUs (96, 96, 8 A100s).
+    assert (s1.max_steps, s2.max_steps, s3.max_steps) == (900, 2100, 4200)
+    batches = [c.micro_batch_size * c.grad_accum * gpus for c, gpus in ((s1, 96), (s2, 96), (s3, 8))]
+    assert batches == [768, 1536, 128]
+
+
+def test_7b_stages_1_2_launch_fsdp_in_bf16() -> None:
+    import yaml
+
+    fsdp = yaml.safe_load((RECIPES.parent / "accelerate" / "fsdp.yaml").read_text())
+    assert (fsdp["distributed_type"], fsdp["mixed_precision"]) == ("FSDP", "bf16")
+    for stage in (1, 2, 3):  # each recipe's "Launch:" comment: FSDP for stages 1-2, DDP for stage 3
+        text = (RECIPES / "7b" / f"stage{stage}.yaml").read_text()
+        [launch] = [line for line in text.splitlines() if line.startswith("# Launch: accelerate launch")]
+        assert ("fsdp.yaml" in launch) == (stage < 3) and ("--multi_gpu" in launch) == (stage == 3)
+        assert f"--config training/recipes/7b/stage{stage}.yaml" in launch
 
 
 def test_other_recipes_parse() -> None:
