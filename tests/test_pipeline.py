@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +318,25 @@ def test_bundle_generation_defaults_and_bad_values(bundle, tmp_path):
     (copy / BUNDLE_FILE).write_text(json.dumps({**raw, "generation": {"temperature": -1.0}}))
     with pytest.raises(BundleError, match="temperature"):
         Pipeline.load(copy, quant="none", device="cpu", precision="fp32")
+
+
+def test_runtime_needs_neither_fairseq_nor_torchaudio(pipeline, jfk_flac, monkeypatch):
+    # REFERENCE.md §8: fairseq does not install on Python 3.11+ and torchaudio's wheels do not match the
+    # CPU torch; neither may be imported by the app, at import time or during a turn.
+    root = Path(__file__).resolve().parents[1]
+    names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in (root / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert not names & {"fairseq", "torchaudio"}
+    script = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['torchaudio'] = sys.modules['fairseq'] = None\n"
+        "import speechgpt_app\n"
+        "for m in pkgutil.iter_modules(speechgpt_app.__path__):\n"
+        "    if m.name != '__main__':\n"
+        "        importlib.import_module('speechgpt_app.' + m.name)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=120)
+    for name in ("torchaudio", "fairseq"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails
+    events = list(pipeline.respond(audio=jfk_flac))
+    assert events[-1].reason == "eoa" and any(isinstance(e, Audio) for e in events)
