@@ -34,7 +34,7 @@ from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
 from speechgpt_app.loaders import MissingWeightsError, ModelNameError
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.pipeline import Options, Pipeline, Timings
-from speechgpt_app.prompt import Turn
+from speechgpt_app.prompt import PromptError, Turn, assistant_prefix_for
 from speechgpt_app.units import units_to_text
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ INT16_SCALE = 32767
 # The settings panel starts from the bundle's defaults; the seed starts fixed so that a turn can be
 # repeated exactly (an empty seed box means a fresh random seed, recorded in the export).
 DEFAULT_SEED = 0
+
+STOPPED_WAITING = "Stopped before it started: your question was not sent to the model."
 
 OUT_OF_MEMORY = "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation."
 
@@ -163,6 +165,25 @@ def friendly_error(exc: BaseException) -> gr.Error:
     return gr.Error(f"Something went wrong: {exc}", title="Error")
 
 
+def waiting_in_queue(demo: gr.Blocks, handlers: Sequence[Callable]) -> Callable[[str], bool]:
+    """A test of whether a session has a turn (one of `handlers`) waiting in `demo`'s queue, not yet running.
+
+    Gradio has no public API for this, so it reads the queue's events (running ones have left it);
+    if Gradio changes their shape it says False, and a Stop pressed while waiting is lost again.
+    """
+
+    def waiting(session_id: str) -> bool:
+        queues = getattr(getattr(demo, "_queue", None), "event_queue_per_concurrency_id", {})
+        return any(
+            getattr(event, "session_hash", None) == session_id
+            and getattr(getattr(event, "fn", None), "fn", None) in handlers
+            for queue in list(queues.values())
+            for event in list(getattr(queue, "queue", ()))
+        )
+
+    return waiting
+
+
 def _session_id(request: gr.Request | None) -> str:
     """The browser session's id ("" outside a session, e.g. while caching examples)."""
     return (request.session_hash if request is not None else None) or ""
@@ -177,6 +198,11 @@ class ChatApp:
         self.files_dir = files_dir
         # Stop must reach a turn running in another request, so cancel flags live here, per session.
         self._cancels: dict[str, threading.Event] = {}
+        # A turn waiting in the queue (behind another session's) has no cancel flag yet: Stop marks
+        # its session, and the turn refuses to start. `queued_turns` says which sessions have one.
+        self._stopped_waiting: set[str] = set()
+        self._cleared_at: dict[str, float] = {}
+        self.queued_turns: Callable[[str], bool] = lambda session_id: False
         self._lock = threading.Lock()
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -225,10 +251,33 @@ class ChatApp:
             if self._cancels.get(session_id) is flag:
                 del self._cancels[session_id]
 
-    def stop(self, request: gr.Request) -> None:
-        """Stop button: ask this session's running turn to end (it keeps what it has so far)."""
+    def dequeued(self, request: gr.Request | None) -> bool:
+        """A turn leaves the queue: whether Stop (or Clear) was pressed while it waited."""
+        session_id = _session_id(request)
         with self._lock:
-            flag = self._cancels.get(_session_id(request))
+            stopped = session_id in self._stopped_waiting
+            self._stopped_waiting.discard(session_id)
+        return stopped
+
+    def clear(self, request: gr.Request) -> None:
+        """Clear button: stop the session's turns, and note when, so a stopped turn does not bring the
+        conversation back when it ends."""
+        with self._lock:
+            self._cleared_at[_session_id(request)] = time.monotonic()
+        self.stop(request)
+
+    def cleared_since(self, session_id: str, since: float) -> bool:
+        """Whether the session pressed Clear after `since` (time.monotonic())."""
+        with self._lock:
+            return self._cleared_at.get(session_id, -1.0) > since
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop button: end this session's running turn (it keeps what it has so far) and its waiting one."""
+        session_id = _session_id(request)
+        with self._lock:
+            flag = self._cancels.get(session_id)
+            if self.queued_turns(session_id):
+                self._stopped_waiting.add(session_id)
         if flag is not None:
             flag.set()
 
@@ -319,6 +368,9 @@ class ChatApp:
         """A closed page: drop its answer audio and exports (its gr.State goes with it)."""
         if request.session_hash:
             shutil.rmtree(self.files_dir / request.session_hash, ignore_errors=True)
+            with self._lock:
+                self._stopped_waiting.discard(request.session_hash)
+                self._cleared_at.pop(request.session_hash, None)
 
     # ---- export ------------------------------------------------------------------------------
 
@@ -432,11 +484,16 @@ def build_ui(
     ) -> Iterator[tuple[Any, ...]]:
         # Clear the panels first so a new turn never shows the last one's text. The player is
         # cleared by a property update: a plain None would open an empty audio stream.
+        started = time.monotonic()
         cleared = gr.update(value=None)
         yield (*_blank_panels(cleared), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         live = LiveTurn()
         for live, chunk in app.run_turn(request, audio=audio, text=text, history=history, options=options):
             yield (*_panels(live, chunk), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        if app.cleared_since(_session_id(request), started):
+            # Clear was pressed mid-answer: the conversation it emptied stays empty.
+            yield (*_blank_panels(gr.skip()), [], Session(), gr.skip(), gr.skip())
+            return
         rec = app.record(live, _session_id(request), audio=audio, text=text, history=history, options=options)
         new = Session(records=[*keep, rec])
         # The question is now in the conversation: empty the inputs for the next one.
@@ -456,6 +513,8 @@ def build_ui(
         session: Session,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
+        if app.dequeued(request):
+            raise gr.Error(STOPPED_WAITING, title="Stopped")
         text = text if text and text.strip() else None
         if audio is None and text is None:
             raise gr.Error("Record or upload a question, or type one, then press Send.", title="No question")
@@ -483,6 +542,7 @@ def build_ui(
     ) -> Iterator[tuple[Any, ...]]:
         # End of speech is the user stopping the recording; sending then is optional.
         if not auto or audio is None:
+            app.dequeued(request)  # nothing to send: a Stop meant for this event is spent
             yield tuple(gr.skip() for _ in range(10))
             return
         yield from send(
@@ -501,21 +561,30 @@ def build_ui(
         session: Session,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
+        if app.dequeued(request):
+            raise gr.Error(STOPPED_WAITING, title="Stopped")
         if not session.records:
             raise gr.Error("There is no answer to regenerate yet: send a question first.")
         last = session.records[-1]
         if last.task != "chat":
             raise gr.Error("Only a chat answer can be regenerated from a corrected transcript.")
+        if last.user_audio is None:
+            # A typed question has no transcript to correct: the heard box is not what was asked.
+            raise gr.Error("The last question was typed, not spoken: edit it and send it again instead.")
         corrected = (corrected or "").strip()
         if not corrected:
             raise gr.Error("The transcript is empty: type what you said, then regenerate.")
+        try:
+            # Checked by prompt.py: markers such as `[ta]` or `<eoa>` would be forced into the answer.
+            prefix = assistant_prefix_for(last.task, corrected)  # type: ignore[arg-type]  # "chat"
+        except PromptError as exc:
+            raise gr.Error(f"Check the corrected transcript: {exc}.", title="Can't regenerate") from exc
         keep = session.records[:-1]
         history = Session(records=keep).history()
         # The corrected transcript is forced as the start of the answer; the question's units stay.
         options = app.options(
-            "Chat", temperature, top_p, top_k, max_new_tokens, seed, output_mode,
-            assistant_prefix=corrected + "; [ta] ",
-        )  # fmt: skip
+            "Chat", temperature, top_p, top_k, max_new_tokens, seed, output_mode, assistant_prefix=prefix
+        )
         yield from run_and_record(
             request, audio=last.user_audio, text=last.user_text,
             history=history, options=options, keep=keep,
@@ -531,7 +600,7 @@ def build_ui(
         return heard_text, answer_text, count, unit_string, speech, timing
 
     def clear(request: gr.Request) -> tuple[Any, ...]:
-        app.stop(request)
+        app.clear(request)
         return (*_blank_panels(None), [], Session(), None, "", gr.File(None, visible=False))
 
     def export(session: Session, request: gr.Request) -> str:
@@ -624,4 +693,5 @@ def build_ui(
             lambda: gr.File(visible=True), None, export_file, api_visibility="private"
         )
         demo.unload(app.forget)
+    app.queued_turns = waiting_in_queue(demo, (send, send_if_auto, regenerate))
     return demo
