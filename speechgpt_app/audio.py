@@ -28,6 +28,10 @@ SAMPLE_RATE = 16_000  # Hz, what mHuBERT and every unit model here expect
 MAX_CHANNELS = 8
 MAX_SECONDS_ENV = "SPEECHGPT_MAX_SECONDS"
 SUPPORTED = "wav, flac, ogg, mp3, webm/opus or m4a/aac"
+# A file that decodes to less than its header says by more than this (seconds, and fraction of the
+# stated length) was cut short. Codec priming/padding and mp3 length estimates differ by far less.
+TRUNCATED_SECONDS = 0.5
+TRUNCATED_FRACTION = 0.1
 
 ERROR_KINDS = ("empty", "too_short", "too_long", "silent", "unreadable", "non_finite")
 
@@ -232,15 +236,62 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
     if info.frames == 0:
         raise AudioError("empty", f"There are no audio samples in {name}.")
     _check_channels(info.channels)
-    _check_duration(info.frames, info.samplerate, limits)  # from the header, before decoding
+    # An mp3 without a Xing/Info/VBRI frame does not state its length: libsndfile guesses it from the
+    # first frame's bitrate (38 s for an 8 s VBR file that starts quietly), so it is neither refused
+    # as too long nor checked for truncation by that guess; decoding stops past the limit instead.
+    stated = info.frames if info.format != "MP3" or _mp3_states_its_length(open_source()) else None
+    if stated is not None:
+        _check_duration(stated, info.samplerate, limits)  # from the header, before decoding
+    cap = int(limits.max_seconds * info.samplerate) + 1
     try:
         # float32 reads scale integer PCM by its full scale (16/24/32-bit alike).
-        data, rate = sf.read(open_source(), dtype="float32", always_2d=True)
+        frames = -1 if stated is not None else cap + 1  # -1: all of it
+        data, rate = sf.read(open_source(), frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         # libsndfile knows the format, so this is damage (often a truncated upload), not a gap
         # that another decoder should paper over.
         raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
+    if stated is None and data.shape[0] > cap:
+        raise _too_long(f"The recording is longer than the limit of {limits.max_seconds:g} s.")
+    _check_complete(data.shape[0], int(rate), None if stated is None else stated / info.samplerate, name)
     return _downmix(data), int(rate)
+
+
+def _mp3_states_its_length(source: Any) -> bool:
+    """Whether an mp3 (path or file object) has a Xing, Info or VBRI frame, which gives its exact length.
+
+    The frame is the first audio frame, after any ID3v2 tag (10 bytes + a 28-bit "syncsafe" size).
+    """
+    head = _read_at(source, 0, 10)
+    start = 0
+    if head[:3] == b"ID3" and len(head) == 10:
+        start = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+    first_frame = _read_at(source, start, 4096)  # a Layer III frame is at most 2881 bytes
+    return any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
+
+
+def _read_at(source: Any, offset: int, size: int) -> bytes:
+    """`size` bytes from `offset` of a path or a seekable file object."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    source.seek(offset)
+    return source.read(size)
+
+
+def _check_complete(frames: int, rate: int, stated_seconds: float | None, name: str) -> None:
+    """Refuse a file that decodes to much less than its header states (some decoders stop quietly at
+    the cut of a truncated mp3 or webm): answering its first part would silently change the question."""
+    if stated_seconds is None:
+        return
+    decoded = frames / rate
+    if stated_seconds - decoded > max(TRUNCATED_SECONDS, TRUNCATED_FRACTION * stated_seconds):
+        raise AudioError(
+            "unreadable",
+            f"Could not decode all of {name}: its header says {stated_seconds:.1f} s, but only {decoded:.1f} s "
+            "could be decoded. It looks truncated; upload the whole file again.",
+        )
 
 
 def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
@@ -286,6 +337,7 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
             raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
     if total == 0:
         raise AudioError("empty", f"There are no audio samples in {name}.")
+    _check_complete(total, int(rate), seconds, name)
     return _downmix(np.concatenate(chunks).astype(np.float32, copy=False)), int(rate)
 
 

@@ -274,6 +274,31 @@ def test_truncated_files(tmp_path: Path) -> None:
     expect_error("unreadable", wav[:30])  # cut inside the header
 
 
+@pytest.mark.parametrize(("ext", "codec"), [("mp3", ["-c:a", "libmp3lame"]), ("webm", ["-c:a", "libopus"])])
+def test_truncated_compressed_files_are_refused_not_cut(tmp_path: Path, ext: str, codec: list[str]) -> None:
+    # Their decoders stop quietly at the cut: without the check, 1 s of a 6 s question was answered.
+    path = tmp_path / f"x.{ext}"
+    ffmpeg("-f", "lavfi", "-i", "sine=f=440:r=16000", "-t", "6", *codec, str(path))
+    data = path.read_bytes()
+    assert abs(len(load_audio(data)) / SAMPLE_RATE - 6) < 0.1  # the whole file is fine
+    err = expect_error("unreadable", data[: len(data) // 4])
+    assert "truncated" in str(err) and "6.0 s" in str(err)
+
+
+def test_mp3_without_a_length_frame_is_decoded_not_guessed(tmp_path: Path) -> None:
+    # VBR mp3 without a Xing/Info frame: libsndfile guesses its length from the first (quiet, low
+    # bitrate) frame, several times too long; the file is 8 s and must not be refused as over 20 s.
+    signal = np.concatenate([np.zeros(2 * SAMPLE_RATE), tone(440, 6.0, SAMPLE_RATE)])
+    sf.write(tmp_path / "x.wav", signal, SAMPLE_RATE, subtype="PCM_16")
+    path = tmp_path / "x.mp3"
+    ffmpeg("-i", str(tmp_path / "x.wav"), "-c:a", "libmp3lame", "-q:a", "0", "-write_xing", "0", str(path))
+    assert sf.info(path).frames / SAMPLE_RATE > 20  # the guess this test is about
+    x = load_audio(path)
+    assert abs(len(x) / SAMPLE_RATE - 8) < 0.2 and abs(dominant_hz(x[3 * SAMPLE_RATE :]) - 440) < 5
+    # Without a stated length, an over-long one is still refused, once decoding passes the limit.
+    assert "longer than the limit of 5 s" in str(expect_error("too_long", path, limits=AudioLimits(max_seconds=5)))
+
+
 def test_long_file_rejected_from_its_header(tmp_path: Path) -> None:
     # An honest one-hour 16-bit wav: header + 115 MB of zeros, written as a sparse file (costs nothing).
     path = tmp_path / "hour.wav"
