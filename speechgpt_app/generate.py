@@ -45,6 +45,10 @@ OnStop = Callable[[str, str], "str | None"]
 generation goes on; None lets the answer end."""
 
 
+# The seeds torch.Generator.manual_seed takes (a signed or unsigned 64-bit integer).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to pick each next token. Defaults are the released inference settings."""
@@ -68,6 +72,9 @@ class SamplingOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            # Checked here: torch.Generator.manual_seed would fail only once the answer had started.
+            raise ValueError(f"seed must be from {SEED_MIN} to {SEED_MAX}, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

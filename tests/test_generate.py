@@ -205,6 +205,11 @@ def test_options_reject_bad_values():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):
             SamplingOptions(**bad)
+    for seed in (2**64, -(2**63) - 1, 2**70):  # torch cannot seed with these: refused before the answer starts
+        with pytest.raises(ValueError, match="seed must be"):
+            SamplingOptions(seed=seed)
+    for seed in (2**64 - 1, -(2**63), -1, 0):
+        make_generator(SamplingOptions(seed=seed).seed)
 
 
 # --- the loop ---------------------------------------------------------------------------------------
