@@ -520,6 +520,11 @@ def build_ui(
             raise gr.Error("Record or upload a question, or type one, then press Send.", title="No question")
         if audio is not None and text is not None:
             raise gr.Error("Give either a recording or typed text, not both: clear one of them.")
+        # Said in the page's words (the pipeline would say "speech units").
+        if task == "Transcribe only" and audio is None:
+            raise gr.Error("Transcribe only works on a recording: record or upload one.", title="No recording")
+        if task == "Speak this text" and text is None:
+            raise gr.Error("Speak this text needs typed text: type what it should say.", title="No text")
         options = app.options(task, temperature, top_p, top_k, max_new_tokens, seed, output_mode)
         yield from run_and_record(
             request, audio=audio, text=text,

@@ -297,6 +297,10 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
         send(c, audio=str(too_long))
     with pytest.raises(AppError, match="speak task answers in speech"):
         send(c, text="say this", task="Speak this text", output="Text only")
+    with pytest.raises(AppError, match="Transcribe only works on a recording"):
+        send(c, text="transcribe this", task="Transcribe only")
+    with pytest.raises(AppError, match="Speak this text needs typed text"):
+        send(c, audio=str(silent), task="Speak this text")  # refused before the audio is read
     assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
 
 
