@@ -32,6 +32,7 @@ SUPPORTED = "wav, flac, ogg, mp3, webm/opus or m4a/aac"
 # stated length) was cut short. Codec priming/padding and mp3 length estimates differ by far less.
 TRUNCATED_SECONDS = 0.5
 TRUNCATED_FRACTION = 0.1
+_WAV_PCM_TAGS = (0x0001, 0x0003, 0xFFFE)  # integer PCM, IEEE float, WAVE_FORMAT_EXTENSIBLE
 
 ERROR_KINDS = ("empty", "too_short", "too_long", "silent", "unreadable", "non_finite")
 
@@ -253,8 +254,34 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
         raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
     if stated is None and data.shape[0] > cap:
         raise _too_long(f"The recording is longer than the limit of {limits.max_seconds:g} s.")
+    if info.format == "WAV":
+        # libsndfile trims a cut wav's length to what the file holds; its data chunk still says more.
+        stated = _wav_data_frames(open_source()) or stated
     _check_complete(data.shape[0], int(rate), None if stated is None else stated / info.samplerate, name)
     return _downmix(data), int(rate)
+
+
+def _wav_data_frames(source: Any) -> int | None:
+    """The frames a PCM or float wav's data chunk says it holds (None: not said, or another encoding).
+
+    Streaming writers leave the size 0 or 0xFFFFFFFF, which says nothing.
+    """
+    if _read_at(source, 0, 12)[8:12] != b"WAVE":
+        return None
+    offset, block_align = 12, 0
+    for _ in range(64):  # the data chunk comes after a few others (fmt, fact, LIST, ...)
+        header = _read_at(source, offset, 8)
+        if len(header) < 8:
+            return None
+        size = int.from_bytes(header[4:8], "little")
+        if header[:4] == b"fmt ":
+            fmt = _read_at(source, offset + 8, 14)  # format tag (2 bytes) ... block align at byte 12
+            if len(fmt) == 14 and int.from_bytes(fmt[:2], "little") in _WAV_PCM_TAGS:
+                block_align = int.from_bytes(fmt[12:14], "little")
+        elif header[:4] == b"data":
+            return size // block_align if block_align and 0 < size < 0xFFFFFFFF else None
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None
 
 
 def _mp3_states_its_length(source: Any) -> bool:

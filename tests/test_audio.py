@@ -285,6 +285,22 @@ def test_truncated_compressed_files_are_refused_not_cut(tmp_path: Path, ext: str
     assert "truncated" in str(err) and "6.0 s" in str(err)
 
 
+def test_truncated_wav_is_refused_not_cut(tmp_path: Path) -> None:
+    # libsndfile trims a cut wav to what the file holds; the data chunk still states the whole length.
+    sf.write(tmp_path / "x.wav", tone(440, 6.0, 22050), 22050, subtype="PCM_16")
+    data = (tmp_path / "x.wav").read_bytes()
+    err = expect_error("unreadable", data[: len(data) // 4])
+    assert "truncated" in str(err) and "6.0 s" in str(err)
+    # A header that promises an hour, followed by one second of sound: truncated, not "1 s of speech".
+    hour = bytearray(data[:44])
+    hour[40:44] = (2 * 22050 * 3600).to_bytes(4, "little")
+    assert "3600.0 s" in str(expect_error("unreadable", bytes(hour) + data[44 : 44 + 2 * 22050]))
+    # Streaming writers leave the size unknown (0xFFFFFFFF): that is not truncation.
+    streamed = bytearray(data)
+    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    assert abs(len(load_audio(bytes(streamed))) / SAMPLE_RATE - 6) < 0.01
+
+
 def test_mp3_without_a_length_frame_is_decoded_not_guessed(tmp_path: Path) -> None:
     # VBR mp3 without a Xing/Info frame: libsndfile guesses its length from the first (quiet, low
     # bitrate) frame, several times too long; the file is 8 s and must not be refused as over 20 s.
