@@ -36,6 +36,9 @@ log = logging.getLogger("speechgpt_app.app")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 CONCURRENCY_LIMIT = 1  # turns run one at a time: one model, one device
 QUEUE_SIZE = 16  # turns waiting beyond this are refused, and the user is told the queue is full
+# Uploads larger than this are refused by Gradio before they reach the disk. 20 s of 8-channel 96 kHz
+# float audio is 61 MB; anything far beyond the audio cap (SPEECHGPT_MAX_SECONDS) is not a question.
+MAX_UPLOAD = "100mb"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
@@ -132,6 +135,7 @@ def launch(demo: gr.Blocks, **overrides) -> None:
         "server_port": int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
         "theme": gr.themes.Soft(),
         "css": CSS,
+        "max_file_size": MAX_UPLOAD,
         **overrides,
     }
     demo.launch(**options)

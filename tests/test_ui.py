@@ -409,3 +409,18 @@ def test_spaces_gpu_wrapper_is_a_no_op_off_zero_gpu(monkeypatch) -> None:
     monkeypatch.setattr(spaces_compat, "ON_ZERO_GPU", True)
     monkeypatch.setattr(spaces, "GPU", fake_gpu)
     assert spaces_compat.gpu(duration=30)(answer)() == 42 and asked == [30]
+
+
+def test_oversized_uploads_are_refused_before_they_reach_the_disk(server: str, tmp_path: Path) -> None:
+    app = load_app_module()
+    limit = int(app.MAX_UPLOAD.removesuffix("mb")) * 1024 * 1024
+    big = tmp_path / "huge.wav"
+    with big.open("wb") as f:
+        f.truncate(limit + 1024)  # sparse: costs no disk here
+    with big.open("rb") as f:
+        response = httpx.post(f"{server}gradio_api/upload", files={"files": ("huge.wav", f)}, timeout=60)
+    assert response.status_code == 413
+    small = tmp_path / "small.wav"
+    small.write_bytes(b"RIFF")
+    with small.open("rb") as f:
+        assert httpx.post(f"{server}gradio_api/upload", files={"files": ("small.wav", f)}, timeout=60).is_success
