@@ -99,6 +99,7 @@ def bench_vocoder(vocoder: Vocoder, seconds: float, runs: int, chunk_units: int)
 
 
 def main() -> None:
+    """Print the machine, then the median CPU/GPU milliseconds of each speech stage."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--runs", type=int, default=3)
