@@ -1,8 +1,8 @@
 """SpeechGPT voice chat: `python app.py`, also the Hugging Face Spaces entry point.
 
 Environment:
-  SPEECHGPT_MODEL       a bundle directory or preset (`speechgpt-7b`); default: the scripted test
-                        model, built once and cached (labelled on the page: it is not a trained model)
+  SPEECHGPT_MODEL       a bundle directory or preset (`speechgpt-7b`); default: SpeechGPT-tiny, the
+                        small model trained by training/mini and shipped in assets/speechgpt-tiny
   SPEECHGPT_QUANT       none, nf4, int8 or auto (default: auto, NF4 on CUDA)
   GRADIO_SERVER_NAME    address to listen on (default 127.0.0.1)
   GRADIO_SERVER_PORT    port (default 7860)
@@ -13,10 +13,8 @@ from speechgpt_app import spaces_compat  # first: on ZeroGPU `spaces` must load 
 
 # isort: on
 import hashlib
-import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,10 +23,8 @@ from pathlib import Path
 import gradio as gr
 
 from speechgpt_app import __version__
-from speechgpt_app.loaders import cache_dir
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
-from speechgpt_app.scripted import make_scripted_bundle
 from speechgpt_app.ui import CSS, build_ui
 
 log = logging.getLogger("speechgpt_app.app")
@@ -42,55 +38,22 @@ MAX_UPLOAD = "100mb"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
-# The default model's fixed answer. It says what it is, so nobody mistakes it for a trained model.
-DEFAULT_SCRIPT = {
-    "heard": "what are you",
-    "answer": "I am the scripted test model, not a trained model; every answer is fixed in advance.",
-    "units": [(7 * i + 3) % 50 for i in range(120)],
-}
 
-
-def cache_root() -> Path:
-    """The project's cache (`$HF_HOME/speechgpt`), or a temporary directory if that is read-only."""
-    root = cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root)
-        probe.close()
-    except OSError:
-        root = Path(tempfile.gettempdir()) / "speechgpt"
-        root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def default_model() -> Path:
-    """The scripted test bundle, built on first use and reused after (keyed by version and script)."""
-    key = hashlib.sha256(json.dumps([__version__, DEFAULT_SCRIPT], sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_root() / f"scripted-default-{key}"
-    if not out.is_dir():
-        log.info("building the scripted test model in %s (once)", out)
-        # Build beside the target and rename, so an interrupted build never looks finished.
-        work = Path(tempfile.mkdtemp(prefix=".building-", dir=out.parent))
-        try:
-            make_scripted_bundle(work / "bundle", **DEFAULT_SCRIPT)
-            os.replace(work / "bundle", out)
-        except OSError:
-            if not out.is_dir():  # another process finished first
-                raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return out
+def examples_cache_root() -> Path:
+    """Where cached example answers go: under the system's temp folder, one of the two places Gradio
+    serves files from (the working directory is the other). Never `$HF_HOME` or `assets/`: Gradio
+    refuses to serve files from there, and widening its allowed paths would expose the model files."""
+    return Path(tempfile.gettempdir()) / "speechgpt" / "cached_examples"
 
 
 def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None, str | None]:
-    """The pipeline for `model` (default: `$SPEECHGPT_MODEL`, else the scripted test model), or why not."""
+    """The pipeline for `model` (default: `$SPEECHGPT_MODEL`, else the shipped SpeechGPT-tiny), or why not."""
     model = model or os.environ.get(MODEL_ENV, "").strip() or None
     try:
-        # Building the default scripted model can fail too (disk, a broken install): still serve the page.
-        return Pipeline.load(model or default_model(), quant=quant), None
+        return Pipeline.load(model, quant=quant), None
     except Exception as exc:  # the page still opens and tells every user why it cannot answer
-        log.exception("could not load model %s", model or "the scripted test model")
-        return None, f"{model or 'the scripted test model'}: {exc}"
+        log.exception("could not load model %s", model or "SpeechGPT-tiny")
+        return None, f"{model or 'SpeechGPT-tiny (the default model)'}: {exc}"
 
 
 @contextmanager
@@ -104,7 +67,7 @@ def examples_cache_for(pipeline: Pipeline | None) -> Iterator[None]:
     stamp = (bundle / "bundle.json").stat().st_mtime_ns
     key = hashlib.sha256(f"{__version__}|{bundle}|{stamp}".encode()).hexdigest()[:12]
     before = os.environ.get("GRADIO_EXAMPLES_CACHE")
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(cache_root() / "cached_examples" / key)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(examples_cache_root() / key)
     try:
         yield
     finally:

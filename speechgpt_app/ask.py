@@ -44,7 +44,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     source.add_argument("--audio", type=Path, help="the spoken question (wav, flac, mp3, ogg, webm, m4a)")
     source.add_argument("--text", help="a typed question (chat) or the text to say (--task speak)")
     p.add_argument("--out", type=Path, default=Path("answer.wav"), help="answer audio (default: answer.wav)")
-    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV})")
+    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV}, else the shipped SpeechGPT-tiny)")
     p.add_argument("--quant", default=None, help="auto, none, nf4, int8, int4 (default: $SPEECHGPT_QUANT or auto)")
     p.add_argument("--precision", default=None, help="auto (bf16), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("speechgpt_app.convert", "convert the released fairseq files into a speech model directory"),
     "ask": ("speechgpt_app.ask", "answer one spoken or typed question, write the answer audio"),
     "chat": ("speechgpt_app.mic", "talk to the model through the microphone (--mic)"),
+    "eval": ("speechgpt_app.evaluate", "evaluate a model on spoken question sets: one table, JSON"),
 }
 
 

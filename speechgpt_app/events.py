@@ -87,3 +87,38 @@ class End:
 
 
 Event = Union[Heard, Answer, Units, Audio, Notice, End]
+
+
+@dataclass
+class Accumulator:
+    """One turn's events folded into what a reader wants: the transcript, the answer, the units, the
+    audio, the notices and the End. The page, `ask`, `chat --mic`, `eval` and the export read a turn
+    through this one class (`add` each event as it comes)."""
+
+    heard: str = ""
+    answer: str = ""
+    units: list[int] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    sample_rate: int | None = None
+    notices: list[Notice] = field(default_factory=list)
+    end: End | None = None
+
+    def add(self, event: Event) -> None:
+        """Fold in one event."""
+        if isinstance(event, Heard):
+            self.heard += event.text
+        elif isinstance(event, Answer):
+            self.answer += event.text
+        elif isinstance(event, Units):
+            self.units.extend(event.ids)
+        elif isinstance(event, Audio):
+            self.chunks.append(event.pcm)
+            self.sample_rate = event.sample_rate
+        elif isinstance(event, Notice):
+            self.notices.append(event)
+        elif isinstance(event, End):
+            self.end = event
+
+    def audio(self) -> np.ndarray:
+        """All answer audio so far, float32 mono at `sample_rate`."""
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)

@@ -393,6 +393,22 @@ def _ensure_preset(spec: ReleasedSpec) -> Path:
     return spec.bundle_dir
 
 
+# The default model: SpeechGPT-tiny, trained by training/mini/rebuild.py and shipped in the repository.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "speechgpt-tiny"
+
+
+def default_model() -> Path:
+    """The shipped SpeechGPT-tiny bundle (offline, CPU), or a plain error naming how to rebuild it."""
+    from speechgpt_app.bundle import BUNDLE_FILE
+
+    if not (DEFAULT_MODEL / BUNDLE_FILE).is_file():
+        raise ModelNameError(
+            f"the default model is missing ({DEFAULT_MODEL}); rebuild it with "
+            "`python -m training.mini.rebuild --install` or name a model with --model / SPEECHGPT_MODEL"
+        )
+    return DEFAULT_MODEL
+
+
 def resolve_model(name: str | Path) -> Path:
     """A bundle directory for `name`: a local directory holding bundle.json, or a preset.
 

@@ -287,7 +287,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the `chat` arguments."""
     p.add_argument("--mic", action="store_true", help="talk through the default microphone and speaker")
     p.add_argument("--auto-stop", action="store_true", help="stop recording after a second of silence")
-    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV})")
+    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV}, else the shipped SpeechGPT-tiny)")
     p.add_argument("--quant", default=None, help="auto, none, nf4, int8 (default: $SPEECHGPT_QUANT or auto)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if available)")
     p.add_argument("--output", choices=OUTPUT_MODES, default="speech+text", help="answer with speech and text, or text only")

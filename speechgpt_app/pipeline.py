@@ -67,13 +67,10 @@ TEXT_MODE_STOPS = (EOA, UNITS_TAG, SOSP)  # a text-only answer ends where the sp
 
 
 def model_from_env() -> str:
-    """The model named by `$SPEECHGPT_MODEL`; a clear error when it is unset."""
-    from speechgpt_app.loaders import ModelNameError
+    """The model named by `$SPEECHGPT_MODEL`, else the shipped SpeechGPT-tiny (loaders.default_model)."""
+    from speechgpt_app.loaders import default_model
 
-    name = os.environ.get(MODEL_ENV, "").strip()
-    if not name:
-        raise ModelNameError(f"no model given: pass a bundle directory or preset name, or set {MODEL_ENV}")
-    return name
+    return os.environ.get(MODEL_ENV, "").strip() or str(default_model())
 
 
 @dataclass(frozen=True)
@@ -251,7 +248,7 @@ class Pipeline:
         from speechgpt_app.model import LMSpec, load_lm, quant_from_env
         from speechgpt_app.scripted import Script
         from speechgpt_app.units import SpeechTokenizer
-        from speechgpt_app.vocoder import Vocoder
+        from speechgpt_app.vocoder import load_vocoder
 
         bundle_dir = resolve_model(model if model is not None else model_from_env())
         info = read_bundle(bundle_dir)
@@ -269,7 +266,7 @@ class Pipeline:
         )
         lm = load_lm(spec)
         speech = SpeechTokenizer.from_dir(speech_dir, device=lm.device)  # HuBERT beside the LM
-        vocoder = Vocoder.from_dir(speech_dir / "vocoder", device=lm.device)
+        vocoder = load_vocoder(speech_dir / "vocoder", device=lm.device)
         if vocoder.n_units != speech.n_units:
             raise BundleError(
                 f"bundle {bundle_dir}: the vocoder reads {vocoder.n_units} units but the speech tokenizer "

@@ -6,9 +6,12 @@ A speech directory (`bundle/speech/`) holds everything this module needs:
     centres.safetensors   "centres": float32 [n_units, dim]
     features/             (hubert only) a transformers HubertModel saved with save_pretrained
 
-Two feature types exist. `hubert` is what the released SpeechGPT uses: the layer-11 hidden states of
+Three feature types exist. `hubert` is what the released SpeechGPT uses: the layer-11 hidden states of
 mHuBERT base, one utterance at a time, long audio in chunks of 1,600,000 samples. `logmel` is a small,
-weight-free extractor (log-mel frames at 50 Hz) for small models trained here.
+weight-free extractor (log-mel frames at 50 Hz) for small models trained here. `ctc` is the unit encoder
+of SpeechGPT-tiny: a small Transformer over log-mel frames trained with CTC on phonemes; its units are
+its greedy CTC output (repeats collapsed, blanks dropped), so it has no centres: the same text spoken by
+two voices gives (nearly) the same units. Its weights are `features/encoder.safetensors`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,23 @@ LOGMEL_DEFAULTS: dict[str, Any] = {
     "f_min": 0.0,
     "f_max": 8000.0,
 }
-_DEFAULTS = {"hubert": HUBERT_DEFAULTS, "logmel": LOGMEL_DEFAULTS}
+# The `ctc` unit encoder: log-mel at 100 Hz (25 ms windows), per-utterance mean/variance normalisation,
+# a stride-2 conv to 50 Hz, `layers` Transformer layers of width `width`, a linear head over the
+# n_units phoneme units + 1 blank (the last class). `symbols` names the units (documentation only).
+CTC_DEFAULTS: dict[str, Any] = {
+    "type": "ctc",
+    "n_mels": 80,
+    "n_fft": 512,
+    "win_length": 400,
+    "hop_length": 160,
+    "width": 144,
+    "layers": 4,
+    "heads": 4,
+    "ffn": 576,
+    "symbols": [],
+}
+_DEFAULTS = {"hubert": HUBERT_DEFAULTS, "logmel": LOGMEL_DEFAULTS, "ctc": CTC_DEFAULTS}
+ENCODER_FILE = "encoder.safetensors"  # the ctc encoder's weights, in features/
 
 LOG_FLOOR = 1e-5  # log-mel floor (amplitude): keeps log() finite on digital silence
 DISTANCE_BLOCK_ELEMENTS = 1 << 22  # float64 distances per block (32 MiB): bounds peak memory
@@ -122,8 +141,8 @@ def dedup(ids: Iterable[int]) -> list[int]:
 class SpeechConfig:
     """The contents of `speech/speech.json`.
 
-    `features` is a dict whose "type" is "hubert" or "logmel"; keys it leaves out take the values in
-    HUBERT_DEFAULTS / LOGMEL_DEFAULTS, unknown keys are an error (they are usually typos).
+    `features` is a dict whose "type" is "hubert", "logmel" or "ctc"; keys it leaves out take the values
+    in HUBERT_DEFAULTS / LOGMEL_DEFAULTS / CTC_DEFAULTS, unknown keys are an error (usually typos).
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -146,7 +165,7 @@ class SpeechConfig:
 
     @property
     def feature_type(self) -> str:
-        """"hubert" or "logmel"."""
+        """"hubert", "logmel" or "ctc"."""
         return self.features["type"]
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +191,7 @@ def _is_int(value: Any) -> bool:
 def _complete_features(features: dict[str, Any]) -> dict[str, Any]:
     """Validate a features dict and fill the keys it leaves out from the type's defaults."""
     if not isinstance(features, dict) or features.get("type") not in _DEFAULTS:
-        raise ValueError(f"features must be a dict with type 'hubert' or 'logmel', got {features!r}")
+        raise ValueError(f"features must be a dict with type 'hubert', 'logmel' or 'ctc', got {features!r}")
     defaults = _DEFAULTS[features["type"]]
     unknown = sorted(set(features) - set(defaults))
     if unknown:
@@ -184,6 +203,8 @@ def _complete_features(features: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(default, int) and not (_is_int(value) and value > 0):
             raise ValueError(f"features.{key} must be a positive integer, got {value!r}")
+        if isinstance(default, list) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"features.{key} must be a list of strings, got {value!r}")
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if isinstance(default, float) and not (is_number and math.isfinite(value) and value >= 0):
             raise ValueError(f"features.{key} must be a non-negative number, got {value!r}")
@@ -429,6 +450,93 @@ class LogMelFeatures:
         """Nothing to write: a log-mel extractor has no weights (its settings live in speech.json)."""
 
 
+class _ConvPosition(torch.nn.Module):
+    """Relative position by a depthwise convolution over time (as wav2vec 2.0), so any length works."""
+
+    def __init__(self, width: int, kernel: int = 31) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.nn.functional.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+
+
+class CTCEncoderNet(torch.nn.Module):
+    """Normalised log-mel [B, T, n_mels] at 100 Hz -> logits [B, ceil(T / 2), n_units + 1] at 50 Hz."""
+
+    def __init__(self, n_mels: int, n_units: int, width: int, layers: int, heads: int, ffn: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.subsample = torch.nn.Sequential(
+            torch.nn.Conv1d(n_mels, width, 5, stride=2, padding=2), torch.nn.GELU(),
+            torch.nn.Conv1d(width, width, 3, padding=1), torch.nn.GELU(),
+        )  # fmt: skip
+        self.position = _ConvPosition(width)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, ffn, dropout, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, n_units + 1)
+
+    def forward(self, mel: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`padding_mask` [B, T_out] is True on padded output frames (training batches only)."""
+        x = self.subsample(mel.transpose(1, 2)).transpose(1, 2)
+        x = self.encoder(self.position(x), src_key_padding_mask=padding_mask)
+        return self.head(self.norm(x))
+
+
+def normalise_frames(mel: torch.Tensor) -> torch.Tensor:
+    """Per-utterance mean and variance normalisation over time: removes a fixed channel and level."""
+    return (mel - mel.mean(0, keepdim=True)) / (mel.std(0, keepdim=True) + 1e-5)
+
+
+class CTCUnitEncoder:
+    """The `ctc` feature type: waveform -> CTC logits [T, n_units + 1] (the blank is the last class).
+
+    `SpeechTokenizer` turns the logits into units by greedy CTC decoding (best class per frame, repeats collapsed, blanks dropped).
+    """
+
+    def __init__(self, net: CTCEncoderNet, features: dict[str, Any], n_units: int) -> None:
+        self.net = net.eval()
+        self.n_units = n_units
+        self.blank = n_units
+        self.dim = n_units + 1
+        self.mel = LogMelFeatures(*(features[k] for k in ("n_mels", "n_fft", "win_length", "hop_length")))
+        self.frame_rate = self.mel.frame_rate / 2
+        self.features = features
+
+    @classmethod
+    def build(cls, features: dict[str, Any], n_units: int, dropout: float = 0.0) -> CTCUnitEncoder:
+        """A freshly initialised encoder (training starts here)."""
+        f = {**CTC_DEFAULTS, **features}
+        net = CTCEncoderNet(f["n_mels"], n_units, f["width"], f["layers"], f["heads"], f["ffn"], dropout)
+        return cls(net, f, n_units)
+
+    @classmethod
+    def from_dir(cls, speech_dir: str | Path, config: SpeechConfig) -> CTCUnitEncoder:
+        """Load `features/encoder.safetensors` for the settings in speech.json."""
+        path = Path(speech_dir) / FEATURES_DIR / ENCODER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no unit encoder weights {path}")
+        enc = cls.build(config.features, config.n_units)
+        enc.net.load_state_dict(load_file(str(path)))
+        return enc
+
+    def frames(self, wav: torch.Tensor) -> torch.Tensor:
+        """The normalised log-mel frames the network reads: [T, n_mels] at 100 Hz."""
+        return normalise_frames(self.mel(wav))
+
+    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
+        """float32 [N] -> logits [T, n_units + 1] at 50 Hz."""
+        with torch.inference_mode():
+            return self.net(self.frames(wav)[None])[0]
+
+    def save(self, speech_dir: Path) -> None:
+        """Write the weights to `speech_dir/features/encoder.safetensors`."""
+        out = Path(speech_dir) / FEATURES_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.net.state_dict().items()}, str(out / ENCODER_FILE))
+
+
+
 def extractor_from_config(
     config: SpeechConfig, speech_dir: str | Path, device: str | torch.device = "cpu"
 ) -> FeatureExtractor:
@@ -436,6 +544,8 @@ def extractor_from_config(
     params = {k: v for k, v in config.features.items() if k != "type"}
     if config.feature_type == "hubert":
         return HubertFeatures.from_pretrained(Path(speech_dir) / FEATURES_DIR, device=device, **params)
+    if config.feature_type == "ctc":
+        return CTCUnitEncoder.from_dir(speech_dir, config)
     return LogMelFeatures(sample_rate=config.sample_rate, **params)
 
 
@@ -521,14 +631,19 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
 class SpeechTokenizer:
     """Waveform (float32, mono, 16 kHz, as audio.load_audio returns) -> speech units."""
 
-    def __init__(self, config: SpeechConfig, extractor: FeatureExtractor, centres: np.ndarray | torch.Tensor) -> None:
-        centres = torch.as_tensor(centres).to(torch.float32)
-        _check_centres(centres)
-        if tuple(centres.shape) != (config.n_units, extractor.dim):
-            raise ValueError(
-                f"centres have shape {tuple(centres.shape)}, expected (n_units={config.n_units}, "
-                f"feature dim={extractor.dim})"
-            )
+    def __init__(self, config: SpeechConfig, extractor: FeatureExtractor, centres: np.ndarray | torch.Tensor | None) -> None:
+        if config.feature_type == "ctc":
+            # Units are the encoder's greedy CTC output: no centres.
+            if centres is not None:
+                raise ValueError("a ctc speech tokenizer has no centres")
+        else:
+            centres = torch.as_tensor(centres).to(torch.float32)
+            _check_centres(centres)
+            if tuple(centres.shape) != (config.n_units, extractor.dim):
+                raise ValueError(
+                    f"centres have shape {tuple(centres.shape)}, expected (n_units={config.n_units}, "
+                    f"feature dim={extractor.dim})"
+                )
         self.config = config
         self.extractor = extractor
         self.centres = centres
@@ -541,13 +656,15 @@ class SpeechTokenizer:
         centre is found (a few milliseconds per second of speech).
         """
         config = read_speech_config(speech_dir)
-        return cls(config, extractor_from_config(config, speech_dir, device), load_centres(speech_dir))
+        centres = None if config.feature_type == "ctc" else load_centres(speech_dir)
+        return cls(config, extractor_from_config(config, speech_dir, device), centres)
 
     def save(self, speech_dir: str | Path) -> None:
         """Write speech.json, centres.safetensors and the extractor's weights (if any)."""
         speech_dir = Path(speech_dir)
         write_speech_config(speech_dir, self.config)
-        save_centres(speech_dir, self.centres)
+        if self.centres is not None:
+            save_centres(speech_dir, self.centres)
         self.extractor.save(speech_dir)
 
     @property
@@ -565,11 +682,16 @@ class SpeechTokenizer:
         return self.extractor(_as_wave_tensor(wav))
 
     def encode_frames(self, wav: Wave) -> list[int]:
-        """One unit per feature frame (not deduplicated)."""
+        """One unit per feature frame (not deduplicated); for `ctc`, the best class per frame, the blank
+        (= n_units) included."""
+        if self.centres is None:
+            return self.features(wav).argmax(-1).tolist()
         return nearest_centre(self.features(wav), self.centres).tolist()
 
     def encode(self, wav: Wave) -> list[int]:
-        """Deduplicated units, the form the language model reads."""
+        """Deduplicated units, the form the language model reads (for `ctc`: greedy CTC, no blanks)."""
+        if self.centres is None:
+            return [k for k in dedup(self.encode_frames(wav)) if k != self.n_units]
         return dedup(self.encode_frames(wav))
 
     def encode_text(self, wav: Wave) -> str:

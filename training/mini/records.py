@@ -1,0 +1,202 @@
+"""SpeechInstruct-mini records for the three stages, written with prompt.py exactly as the app prompts.
+
+    python -m training.mini.records --corpus runs/mini/corpus --speech-dir runs/mini/speech --out runs/mini/data
+
+- `units.jsonl`: the units of every recording of the corpus (read once by the trained encoder);
+- `stage1.txt`: one unit line per training recording (questions, and answers in the output voice);
+- `stage2.jsonl`: ASR records (question units -> transcript) and TTS records (text -> the output voice's
+  units), half of them in the app's own instruction words, the rest in `tasks.py`'s descriptions;
+- `stage3.jsonl`: chain-of-modality records in the app's `explicit` style: every training recording
+  speech -> speech, a share speech -> text, typed questions (as people type them: capitalised, with a
+  question mark) -> text and speech, and two-turn conversations whose history is the first turn
+  exactly as the app keeps it (the spoken question's units, the full answer with its units).
+Held-out questions never appear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from speechgpt_app import prompt
+from speechgpt_app.audio import AudioLimits, load_audio
+from speechgpt_app.units import SpeechTokenizer, units_to_text
+from training.data.formats import Record, record_line
+from training.data.tasks import pick_task
+from training.mini import domain
+
+log = logging.getLogger(__name__)
+
+APP_SHARE = 0.5  # stage-2 records in the app's own instruction words
+S2T_SHARE = 0.35  # training recordings that also give a speech -> text record
+TYPED_SHARE = 0.25  # questions that also give typed (t2s, t2t) records
+SEED = 7
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The lines of a corpus manifest."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def extract_units(corpus: Path, speech_dir: Path, out: Path, threads: int = 2) -> dict[str, list[int]]:
+    """Units of every recording in the corpus' manifests, cached in `out` (audio path -> units)."""
+    cache: dict[str, list[int]] = {}
+    if out.is_file():
+        cache = {d["audio"]: d["units"] for d in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    torch.set_num_threads(threads)
+    speech = SpeechTokenizer.from_dir(speech_dir)
+    with out.open("a", encoding="utf-8") as f:
+        for part in ("questions", "answers", "heldout"):
+            for entry in read_manifest(corpus / f"{part}.jsonl"):
+                if entry["audio"] in cache:
+                    continue
+                wav = load_audio(str(corpus / entry["audio"]), limits=AudioLimits(max_seconds=30))
+                cache[entry["audio"]] = speech.encode(wav)
+                f.write(json.dumps({"audio": entry["audio"], "units": cache[entry["audio"]]}) + "\n")
+    return cache
+
+
+def typed(text: str, rng: random.Random) -> str:
+    """A question as a person types it: sometimes capitalised, sometimes with a question mark."""
+    if rng.random() < 0.5:
+        text = text[0].upper() + text[1:]
+    return text + ("?" if rng.random() < 0.5 else "")
+
+
+def _rec(user: str, answer: str, history: tuple[prompt.Turn, ...] = (), **extra) -> str:
+    prefix = prompt.SYSTEM_PROMPT + prompt.format_history(history)
+    return record_line(Record(prefix, prompt.format_exchange(user, answer)), **extra)
+
+
+def spoken_turn(q_units: list[int], q: domain.Question, a_units: list[int]) -> tuple[str, str]:
+    """(user, answer) of a speech -> speech turn, as the app writes it."""
+    user = prompt.user_message("chat", "speech+text", units=units_to_text(q_units), style="explicit")
+    return user, prompt.format_answer(heard=q.text, answer=q.answer, units=a_units)
+
+
+def build(corpus: Path, units: dict[str, list[int]], out: Path) -> dict[str, int]:
+    """Write stage1.txt, stage2.jsonl and stage3.jsonl; return how many lines each has."""
+    rng = random.Random(SEED)
+    said: dict[str, list[tuple[list[int], str]]] = defaultdict(list)  # question text -> (units, voice)
+    for e in read_manifest(corpus / "questions.jsonl"):
+        if units[e["audio"]]:
+            said[e["text"]].append((units[e["audio"]], e["voice"]))
+    spoken = {e["text"]: units[e["audio"]] for e in read_manifest(corpus / "answers.jsonl") if units[e["audio"]]}
+    train, _ = domain.split()
+    conv_train, _ = domain.split_conversations()
+    out.mkdir(parents=True, exist_ok=True)
+
+    stage1 = [units_to_text(u) for recs in said.values() for u, _ in recs] + [units_to_text(u) for u in spoken.values()]
+    rng.shuffle(stage1)
+    (out / "stage1.txt").write_text("\n".join(stage1) + "\n", encoding="utf-8")
+
+    stage2 = []
+    for text, recs in said.items():
+        for u, _ in recs:
+            app = rng.random() < APP_SHARE
+            user = (prompt.user_message("transcribe", units=units_to_text(u)) if app
+                    else pick_task("asr", rng) + prompt.INPUT_MARKER + units_to_text(u))  # fmt: skip
+            stage2.append(_rec(user, prompt.format_answer(heard=text)))
+    for text, u in spoken.items():
+        for shown in {text, typed(text, rng)}:
+            app = rng.random() < APP_SHARE
+            user = prompt.user_message("speak", text=shown) if app else pick_task("tts", rng) + prompt.INPUT_MARKER + shown
+            stage2.append(_rec(user, prompt.format_answer(units=u)))
+    rng.shuffle(stage2)
+    (out / "stage2.jsonl").write_text("\n".join(stage2) + "\n", encoding="utf-8")
+
+    stage3 = []
+    for q in train:
+        a_units = spoken.get(q.answer)
+        if not a_units:
+            continue
+        for u, voice in said.get(q.text, []):
+            stage3.append(_rec(*spoken_turn(u, q, a_units), voice=voice))
+            if rng.random() < S2T_SHARE:
+                user = prompt.user_message("chat", "text", units=units_to_text(u), style="explicit")
+                stage3.append(_rec(user, prompt.format_answer(heard=q.text, answer=q.answer), voice=voice))
+        if rng.random() < TYPED_SHARE:
+            for output, a in (("text", None), ("speech+text", a_units)):
+                user = prompt.user_message("chat", output, text=typed(q.text, rng), style="explicit")
+                stage3.append(_rec(user, prompt.format_answer(answer=q.answer, units=a)))
+    for conv in conv_train:
+        first_said, follow_said = said.get(conv.first.text), said.get(conv.follow.text)
+        a1, a2 = spoken.get(conv.first.answer), spoken.get(conv.follow.answer)
+        if not (first_said and follow_said and a1 and a2):
+            continue
+        for _ in range(2):
+            u1, _v = rng.choice(first_said)
+            u2, voice = rng.choice(follow_said)
+            user1, answer1 = spoken_turn(u1, conv.first, a1)
+            history = (prompt.Turn(user1, answer1, heard=conv.first.text),)
+            stage3.append(_rec(*spoken_turn(u2, conv.follow, a2), history=history, voice=voice))
+    rng.shuffle(stage3)
+    (out / "stage3.jsonl").write_text("\n".join(stage3) + "\n", encoding="utf-8")
+    return {"stage1": len(stage1), "stage2": len(stage2), "stage3": len(stage3)}
+
+
+TRAINING_VOICES_GROUP = "training voices"
+HELDOUT_VOICE_GROUP = "held-out voice (Piper joe)"
+
+
+def write_eval_sets(corpus: Path, out: Path) -> dict[str, int]:
+    """Evaluation sets (speechgpt_app.evaluate's format) of held-out questions in `out`:
+    `heldout-training-voices.jsonl`, `heldout-joe.jsonl` and `followups.jsonl` (held-out conversations:
+    the first question, then the follow-up, both by training voices)."""
+    by_text = {q.text: q for q in domain.questions()}
+    answer_audio = {e["text"]: "../" + e["audio"] for e in read_manifest(corpus / "answers.jsonl")}
+    heldout = read_manifest(corpus / "heldout.jsonl")
+    recordings: dict[str, list[dict]] = defaultdict(list)
+    for e in read_manifest(corpus / "questions.jsonl") + heldout:
+        if not e["voice"].startswith("piper:"):
+            recordings[e["text"]].append(e)
+
+    def line(e: dict, q: domain.Question, group: str) -> dict:
+        return {"audio": "../" + e["audio"], "text": q.text, "answer": q.answer, "key": q.key, "kind": q.kind,
+                "group": group, "voice": e["voice"], "answer_audio": answer_audio.get(q.answer)}  # fmt: skip
+
+    sets: dict[str, list[dict]] = {"heldout-training-voices": [], "heldout-joe": [], "followups": []}
+    for e in heldout:
+        q = by_text.get(e["text"])
+        if q is None:
+            continue
+        joe = e["voice"].startswith("piper:")
+        sets["heldout-joe" if joe else "heldout-training-voices"].append(
+            line(e, q, HELDOUT_VOICE_GROUP if joe else TRAINING_VOICES_GROUP)
+        )
+    _, held_convs = domain.split_conversations()
+    for conv in held_convs:
+        first, follow = recordings.get(conv.first.text), recordings.get(conv.follow.text)
+        if first and follow:
+            row = line(follow[0], conv.follow, TRAINING_VOICES_GROUP)
+            row["history"] = [{k: v for k, v in line(first[0], conv.first, TRAINING_VOICES_GROUP).items() if k != "group"}]
+            sets["followups"].append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in sets.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {name: len(rows) for name, rows in sets.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", type=Path, default=Path("runs/mini/corpus"))
+    p.add_argument("--speech-dir", type=Path, default=Path("runs/mini/speech"))
+    p.add_argument("--out", type=Path, default=Path("runs/mini/data"))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    units = extract_units(args.corpus, args.speech_dir, args.out / "units.jsonl", args.threads)
+    print(json.dumps(build(args.corpus, units, args.out)))
+    print(json.dumps(write_eval_sets(args.corpus, args.corpus / "eval")))
+
+
+if __name__ == "__main__":
+    main()
