@@ -34,7 +34,7 @@ CONCURRENCY_LIMIT = 1  # turns run one at a time: one model, one device
 QUEUE_SIZE = 16  # turns waiting beyond this are refused, and the user is told the queue is full
 # Uploads larger than this are refused by Gradio before they reach the disk. 20 s of 8-channel 96 kHz
 # float audio is 61 MB; anything far beyond the audio cap (SPEECHGPT_MAX_SECONDS) is not a question.
-MAX_UPLOAD = "100mb"
+MAX_UPLOAD = MAX_UPLOAD_BYTES
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 

@@ -13,6 +13,7 @@ resampled with soxr.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000  # Hz, what mHuBERT and every unit model here expect
 MAX_CHANNELS = 8
 MAX_SECONDS_ENV = "SPEECHGPT_MAX_SECONDS"
@@ -225,6 +227,10 @@ def _finish(mono: np.ndarray, rate: int, limits: AudioLimits) -> np.ndarray:
     return out
 
 
+WAV_PLACEHOLDER_BYTES = 0x7FFF0000  # stated wav data sizes from here up mean "unknown" (streaming writers)
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # the app's upload cap; no real upload states more
+
+
 def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
     """Decode a file (path or bytes) with soundfile, or with PyAV when libsndfile cannot open it.
 
@@ -251,7 +257,8 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
     except (sf.LibsndfileError, RuntimeError) as e:
         # libsndfile knows the format, so this is damage (often a truncated upload), not a gap
         # that another decoder should paper over.
-        raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
+        log.info("libsndfile could not decode an upload: %s", e)  # the library's words stay in the log
+        raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated.") from e
     if stated is None and data.shape[0] > cap:
         raise _too_long(f"The recording is longer than the limit of {limits.max_seconds:g} s.")
     if info.format == "WAV":
@@ -261,27 +268,52 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
     return _downmix(data), int(rate)
 
 
-def _wav_data_frames(source: Any) -> int | None:
-    """The frames a PCM or float wav's data chunk says it holds (None: not said, or another encoding).
+def _wav_header_channels(source: Any) -> int | None:
+    """The channel count a RIFF/WAVE file's fmt chunk states (None: not a wav, or no fmt chunk).
+    A file object is left at its start, for the decoder that reads it next."""
+    try:
+        fmt = _wav_chunk(source, b"fmt ")
+        body = _read_at(source, fmt[0] + 8, 4) if fmt is not None else b""
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+    return int.from_bytes(body[2:4], "little") if len(body) == 4 else None
 
-    Streaming writers leave the size 0 or 0xFFFFFFFF, which says nothing.
-    """
-    if _read_at(source, 0, 12)[8:12] != b"WAVE":
+
+def _wav_chunk(source: Any, name: bytes) -> tuple[int, int] | None:
+    """(offset, stated size) of a wav's first chunk called `name`, or None."""
+    head = _read_at(source, 0, 12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
-    offset, block_align = 12, 0
+    offset = 12
     for _ in range(64):  # the data chunk comes after a few others (fmt, fact, LIST, ...)
         header = _read_at(source, offset, 8)
         if len(header) < 8:
-            return None
+            break
         size = int.from_bytes(header[4:8], "little")
-        if header[:4] == b"fmt ":
-            fmt = _read_at(source, offset + 8, 14)  # format tag (2 bytes) ... block align at byte 12
-            if len(fmt) == 14 and int.from_bytes(fmt[:2], "little") in _WAV_PCM_TAGS:
-                block_align = int.from_bytes(fmt[12:14], "little")
-        elif header[:4] == b"data":
-            return size // block_align if block_align and 0 < size < 0xFFFFFFFF else None
+        if header[:4] == name:
+            return offset, size
         offset += 8 + size + (size & 1)  # chunks are padded to an even size
     return None
+
+
+def _wav_data_frames(source: Any) -> int | None:
+    """The frames a PCM or float wav's data chunk says it holds (None: not said, or another encoding).
+
+    Writers that stream to a pipe cannot know the length and write a placeholder: 0, 0xFFFFFFFF,
+    0x7FFFFFF0, or arecord's 2^31 cap. A stated size of WAV_PLACEHOLDER_BYTES or more, or more than the
+    upload cap, is such a placeholder ("length unknown": decode what is there); a smaller stated size
+    that the file does not hold is a cut upload.
+    """
+    fmt, data = _wav_chunk(source, b"fmt "), _wav_chunk(source, b"data")
+    if fmt is None or data is None:
+        return None
+    body = _read_at(source, fmt[0] + 8, 14)  # format tag (2 bytes) ... block align at byte 12
+    if len(body) < 14 or int.from_bytes(body[:2], "little") not in _WAV_PCM_TAGS:
+        return None
+    block_align, size = int.from_bytes(body[12:14], "little"), data[1]
+    placeholder = size == 0 or size >= WAV_PLACEHOLDER_BYTES or size > MAX_UPLOAD_BYTES
+    return size // block_align if block_align and not placeholder else None
 
 
 def _mp3_states_its_length(source: Any) -> bool:
@@ -325,6 +357,9 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
     """Decode the first audio stream with PyAV (FFmpeg) as float, then downmix by averaging."""
     import av
 
+    channels = _wav_header_channels(file)
+    if channels is not None:
+        _check_channels(channels)  # FFmpeg would fail on 0 channels with its own words
     try:
         container = av.open(file, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -361,7 +396,8 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
                 if total > cap:
                     raise _too_long(f"The recording is longer than the limit of {limits.max_seconds:g} s.")
         except av.FFmpegError as e:
-            raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated ({e}).") from e
+            log.info("FFmpeg could not decode an upload: %s", e)
+            raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated.") from e
     if total == 0:
         raise AudioError("empty", f"There are no audio samples in {name}.")
     _check_complete(total, int(rate), seconds, name)

@@ -28,16 +28,20 @@ Figures (percentages; WER in points):
 from __future__ import annotations
 
 import json
+import logging
+import os
+import platform
 import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from speechgpt_app.audio import SAMPLE_RATE, load_audio, resample
 from speechgpt_app.events import Accumulator
 from speechgpt_app.pipeline import Options, Pipeline, Timings
 from speechgpt_app.prompt import Turn
@@ -163,19 +167,17 @@ class _Tally:
 
 
 def _resample(wav: np.ndarray, rate: int) -> np.ndarray:
-    from speechgpt_app.audio import SAMPLE_RATE, resample
-
     return resample(wav, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else wav
 
 
 def evaluate(
     pipeline: Pipeline, items: Iterable[EvalItem], recogniser: Callable[[np.ndarray], str] | None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Run every item (greedy); return {"groups": {group: {figure: value}}, "items": [...]}."""
-    from speechgpt_app.audio import load_audio
-
-    greedy = replace_greedy(pipeline.default_options)
+    greedy = replace(pipeline.default_options, do_sample=False, seed=0)
+    if max_new_tokens is not None:
+        greedy = replace(greedy, max_new_tokens=max_new_tokens)
     tallies: dict[str, _Tally] = defaultdict(_Tally)
     rows = []
     for n, item in enumerate(items):
@@ -185,7 +187,7 @@ def evaluate(
             acc, _ = run_turn(pipeline, greedy, history, audio=earlier.audio)
             if acc.end is not None and acc.end.turn is not None:
                 history.append(acc.end.turn)
-        s2t, _ = run_turn(pipeline, replace_output(greedy, "text"), history, audio=item.audio)
+        s2t, _ = run_turn(pipeline, replace(greedy, output="text"), history, audio=item.audio)
         row: dict[str, Any] = {"audio": item.audio, "text": item.text, "kind": item.kind, "group": item.group,
                                "heard": s2t.heard, "answer_s2t": s2t.answer}  # fmt: skip
         if item.history:
@@ -217,13 +219,13 @@ def evaluate(
                 t.add("_ref_errors", theirs)
                 t.add("_answer_words", words)
         if not item.history:
-            asr, _ = run_turn(pipeline, replace_task(greedy, "transcribe"), audio=item.audio)
+            asr, _ = run_turn(pipeline, replace(greedy, task="transcribe"), audio=item.audio)
             errors, words = word_errors(asr.heard or asr.answer, item.text)
             t.add("_asr_errors", errors)
             t.add("_asr_words", words)
             row["asr"] = asr.heard or asr.answer
             if recogniser is not None:
-                tts, _ = run_turn(pipeline, replace_task(greedy, "speak"), text=item.text)
+                tts, _ = run_turn(pipeline, replace(greedy, task="speak", output="speech+text"), text=item.text)
                 wav = tts.audio()
                 back = recogniser(_resample(wav, pipeline.sample_rate)) if len(wav) else ""
                 errors, words = word_errors(back, item.text)
@@ -265,25 +267,6 @@ def summarise(t: _Tally) -> dict[str, float | int | None]:
     }
 
 
-def replace_greedy(options: Options) -> Options:
-    """Greedy decoding (evaluations are deterministic)."""
-    from dataclasses import replace
-
-    return replace(options, do_sample=False, seed=0)
-
-
-def replace_output(options: Options, output: str) -> Options:
-    from dataclasses import replace
-
-    return replace(options, output=output)
-
-
-def replace_task(options: Options, task: str) -> Options:
-    from dataclasses import replace
-
-    return replace(options, task=task, output="speech+text" if task == "speak" else options.output)
-
-
 FIGURES = (
     ("questions", "questions", "{}"), ("follow_ups", "follow-ups", "{}"),
     ("transcript_exact", "transcript exact %", "{}"), ("transcript_wer", "transcript WER", "{}"),
@@ -311,6 +294,7 @@ def configure_parser(p) -> None:
     p.add_argument("--json", default=None, help="write the full result (figures and every answer) here")
     p.add_argument("--limit", type=int, default=None, help="at most N lines per set")
     p.add_argument("--no-recogniser", action="store_true", help="skip the speech-out figures (no Whisper)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap every answer (default: the model's)")
 
 
 def _set_files(sets: Sequence[str]) -> list[Path]:
@@ -323,18 +307,16 @@ def _set_files(sets: Sequence[str]) -> list[Path]:
 
 def run_cli(args) -> int:
     """Run the evaluation, print the table, write the JSON."""
-    import logging
-    import platform
-
     log = logging.getLogger(__name__)
     pipeline = Pipeline.load(args.model)
     items: list[EvalItem] = []
     for f in _set_files(args.sets):
         items += read_eval_set(f)[: args.limit]
     recogniser = None if args.no_recogniser else Recogniser()
-    result = evaluate(pipeline, items, recogniser, progress=lambda n: n % 20 == 0 and log.info("eval: %d/%d", n, len(items)))
+    result = evaluate(pipeline, items, recogniser, max_new_tokens=args.max_new_tokens,
+                      progress=lambda n: n % 20 == 0 and log.info("eval: %d/%d", n, len(items)))  # fmt: skip
     result["model"] = pipeline.description
-    result["machine"] = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores"
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     result["sets"] = [str(f) for f in _set_files(args.sets)]
     print(table(result))
     if args.json:

@@ -317,6 +317,27 @@ class Pipeline:
         }
 
     @property
+    def public_details(self) -> dict[str, str | bool | None]:
+        """`details` without anything local: what a page (and its public `/config`) may show.
+
+        Hub ids are kept; a part inside the bundle is named by the bundle's name, never by its path.
+        """
+        def public(location) -> str | None:
+            if location is None:
+                return None
+            return location["hub"] if isinstance(location, dict) else f"{self.info.name}/{location}"
+
+        return {
+            "name": self.info.name,
+            "lm": public(self.info.lm),
+            "adapter": public(self.info.adapter),
+            "adapter_merged": self.lm.adapter_merged if self.lm.adapter is not None else None,
+            "numerics": self.lm.numerics,
+            "device": str(self.lm.device),
+            "about": self.info.description or None,
+        }
+
+    @property
     def n_units(self) -> int:
         """Size of the speech unit vocabulary."""
         return self.speech.n_units

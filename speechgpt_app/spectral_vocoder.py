@@ -164,15 +164,16 @@ class SpectralVocoder:
             if not (vocoder_dir / name).is_file():
                 raise SpectralVocoderError(f"vocoder directory {vocoder_dir} lacks {name}")
         net = UnitSpectrogramNet(SpectralConfig.from_json(vocoder_dir / CONFIG_FILE))
-        net.load_state_dict(load_file(str(vocoder_dir / WEIGHTS_FILE)))
+        net.load_state_dict({k: v.float() for k, v in load_file(str(vocoder_dir / WEIGHTS_FILE)).items()})
         return cls(net, device)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors`."""
+        """Write `config.json` + `model.safetensors` (float16: half the size, computed in float32)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+        weights = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.net.state_dict().items()}
+        save_file(weights, str(out_dir / WEIGHTS_FILE))
         return out_dir
 
     @property

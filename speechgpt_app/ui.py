@@ -469,7 +469,7 @@ def build_ui(
     on_gpu = gpu or (lambda fn: fn)
     app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
     description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
-    details = pipeline.details if pipeline is not None else {}
+    details = pipeline.public_details if pipeline is not None else {}  # no local paths on a public page
     defaults = pipeline.default_options if pipeline is not None else Options()
     max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
 
@@ -669,7 +669,7 @@ def build_ui(
                 output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
             model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description
             gr.Textbox(
-                model_info, label="Model (full locations)", lines=max(1, len(details)), interactive=False,
+                model_info, label="Model", lines=max(1, len(details)), interactive=False,
                 elem_id="model-info",
             )  # fmt: skip
 

@@ -517,7 +517,7 @@ class CTCUnitEncoder:
         if not path.is_file():
             raise FileNotFoundError(f"no unit encoder weights {path}")
         enc = cls.build(config.features, config.n_units)
-        enc.net.load_state_dict(load_file(str(path)))
+        enc.net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return enc
 
     def frames(self, wav: torch.Tensor) -> torch.Tensor:
@@ -530,10 +530,11 @@ class CTCUnitEncoder:
             return self.net(self.frames(wav)[None])[0]
 
     def save(self, speech_dir: Path) -> None:
-        """Write the weights to `speech_dir/features/encoder.safetensors`."""
+        """Write the weights to `speech_dir/features/encoder.safetensors` (float16, computed in float32)."""
         out = Path(speech_dir) / FEATURES_DIR
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.net.state_dict().items()}, str(out / ENCODER_FILE))
+        weights = {k: v.detach().to(torch.float16).contiguous() for k, v in self.net.state_dict().items()}
+        save_file(weights, str(out / ENCODER_FILE))
 
 
 

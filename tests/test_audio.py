@@ -291,14 +291,42 @@ def test_truncated_wav_is_refused_not_cut(tmp_path: Path) -> None:
     data = (tmp_path / "x.wav").read_bytes()
     err = expect_error("unreadable", data[: len(data) // 4])
     assert "truncated" in str(err) and "6.0 s" in str(err)
-    # A header that promises an hour, followed by one second of sound: truncated, not "1 s of speech".
-    hour = bytearray(data[:44])
-    hour[40:44] = (2 * 22050 * 3600).to_bytes(4, "little")
-    assert "3600.0 s" in str(expect_error("unreadable", bytes(hour) + data[44 : 44 + 2 * 22050]))
-    # Streaming writers leave the size unknown (0xFFFFFFFF): that is not truncation.
-    streamed = bytearray(data)
-    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
-    assert abs(len(load_audio(bytes(streamed))) / SAMPLE_RATE - 6) < 0.01
+    # A header that promises ten minutes (26 MB, under the upload cap), followed by one second of
+    # sound: truncated, not "1 s of speech".
+    long = bytearray(data[:44])
+    long[40:44] = (2 * 22050 * 600).to_bytes(4, "little")
+    assert "600.0 s" in str(expect_error("unreadable", bytes(long) + data[44 : 44 + 2 * 22050]))
+
+
+@pytest.mark.parametrize("stated", [0xFFFFFFFF, 0xFFFFFFF0, 0x7FFFFFF0, 2**31, 0x7FFF0000, 200 * 1024 * 1024])
+def test_streaming_wav_placeholder_sizes_mean_length_unknown(tmp_path: Path, stated: int) -> None:
+    """Writers that stream to a pipe (arecord to stdout caps at 2^31; others write 0x7FFFFFF0 or
+    0xFFFFFFFF) cannot know the length: a stated size of 0x7FFF0000 or more, or more than the upload
+    cap, is a placeholder, and the file is decoded as it is (a 1.5 s recording stays 1.5 s)."""
+    sf.write(tmp_path / "x.wav", tone(440, 1.5, 16000), 16000, subtype="PCM_16")
+    streamed = bytearray((tmp_path / "x.wav").read_bytes())
+    streamed[40:44] = stated.to_bytes(4, "little")
+    assert abs(len(load_audio(bytes(streamed))) / SAMPLE_RATE - 1.5) < 0.01
+
+
+def test_zero_channel_wav_is_refused_in_plain_words() -> None:
+    header = bytearray(44)
+    header[0:4], header[8:16] = b"RIFF", b"WAVEfmt "
+    header[16:20] = (16).to_bytes(4, "little")
+    header[20:22], header[22:24] = (1).to_bytes(2, "little"), (0).to_bytes(2, "little")  # PCM, 0 channels
+    header[24:28] = (16000).to_bytes(4, "little")
+    header[34:36] = (16).to_bytes(2, "little")
+    header[36:40], header[40:44] = b"data", (3200).to_bytes(4, "little")
+    err = expect_error("unreadable", bytes(header) + bytes(3200))
+    assert str(err) == "The audio has 0 channels; 1 to 8 are supported."
+
+
+def test_damaged_flac_message_has_no_library_words(tmp_path: Path) -> None:
+    sf.write(tmp_path / "x.flac", tone(440, 3.0, 16000), 16000)
+    data = bytearray((tmp_path / "x.flac").read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # the second half zeroed
+    err = expect_error("unreadable", bytes(data))
+    assert str(err) == "Could not decode the upload: it looks damaged or truncated.", str(err)
 
 
 def test_mp3_without_a_length_frame_is_decoded_not_guessed(tmp_path: Path) -> None:

@@ -63,7 +63,9 @@ def test_directory_round_trip_and_dispatch(vocoder: SpectralVocoder, tmp_path: P
     loaded = load_vocoder(tmp_path / "vocoder")
     assert isinstance(loaded, SpectralVocoder) and loaded.n_units == N_UNITS
     ids = _ids(20)
-    assert np.array_equal(loaded.decode(ids), vocoder.decode(ids))
+    assert loaded.durations(ids) == vocoder.durations(ids)
+    # float16 storage: the same spectrogram to float16 precision
+    torch.testing.assert_close(loaded.log_magnitude(ids), vocoder.log_magnitude(ids), rtol=0, atol=0.05)
 
 
 def test_hifigan_directories_still_load_as_hifigan(tmp_path: Path) -> None:

@@ -304,33 +304,39 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
     assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
 
 
-def test_default_model_is_the_scripted_model_built_once_and_labelled(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+def test_default_model_is_the_shipped_speechgpt_tiny_without_a_scripted_label(monkeypatch) -> None:
+    from speechgpt_app.loaders import DEFAULT_MODEL
+
     monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
     app = load_app_module()
-    built = app.default_model()
-    assert built.parent == tmp_path / "speechgpt"
-    stamp = (built / "bundle.json").stat().st_mtime_ns
-    assert app.default_model() == built and (built / "bundle.json").stat().st_mtime_ns == stamp  # reused
+    pipeline, why = app.load_pipeline(None, None)
+    assert why is None and pipeline.bundle_dir == DEFAULT_MODEL and pipeline.warning is None
     demo = app.create_app()
     texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
-    assert any(isinstance(t, str) and LABEL in t and "scripted-test-model" in t for t in texts)
+    assert any(isinstance(t, str) and "speechgpt-tiny" in t for t in texts)
+    assert not any(isinstance(t, str) and ("scripted" in t or LABEL in t) for t in texts)
 
 
-def test_a_failed_default_build_still_serves_the_page_and_says_why(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+def test_a_missing_default_model_still_serves_the_page_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    from speechgpt_app import loaders
+
     monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
+    monkeypatch.setattr(loaders, "DEFAULT_MODEL", tmp_path / "speechgpt-tiny")
     app = load_app_module()
-
-    def broken_build(*args, **kwargs):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(app, "make_scripted_bundle", broken_build)
     pipeline, why = app.load_pipeline(None, None)
-    assert pipeline is None and why == "the scripted test model: No space left on device"
+    assert pipeline is None and "the default model is missing" in why and "training.mini.rebuild" in why
     demo = app.create_app()  # the page is built all the same
     texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
-    assert any(isinstance(t, str) and "No space left on device" in t for t in texts)
+    assert any(isinstance(t, str) and "the default model is missing" in t for t in texts)
+
+
+def test_the_page_and_its_config_route_show_no_local_paths(server: str, tmp_path_factory) -> None:
+    """A public Space must not tell anyone where its files are: /config holds the model's name only."""
+    bundle = scripted_bundle(tmp_path_factory)
+    config = httpx.get(server + "config", timeout=30).text
+    assert "scripted-test-model" in config
+    for secret in (str(bundle), str(bundle.parent)):
+        assert secret not in config, secret
 
 
 def test_missing_model_is_said_on_every_turn(tmp_path: Path) -> None:

@@ -437,3 +437,24 @@ def test_hubert_on_cuda_matches_cpu(hubert_speech_dir: Path, lj_wav: Path) -> No
     assert features.device.type == "cpu"
     # cuDNN may run the convolutions in TF32 (PyTorch's default), hence the loose tolerance.
     torch.testing.assert_close(features, on_cpu.features(wav), atol=1e-2, rtol=1e-2)
+
+
+def test_ctc_speech_directory_round_trip_and_greedy_units(tmp_path: Path) -> None:
+    """The `ctc` type: no centres; units are the greedy CTC output (repeats collapsed, blanks dropped)."""
+    from speechgpt_app.units import CTCUnitEncoder, SpeechConfig, SpeechTokenizer, read_speech_config
+
+    torch.manual_seed(0)
+    symbols = ["a", "b", "c", "d", "e"]
+    enc = CTCUnitEncoder.build({"width": 32, "layers": 1, "heads": 2, "ffn": 64, "symbols": symbols}, len(symbols))
+    config = SpeechConfig(n_units=5, features={"type": "ctc", "width": 32, "layers": 1, "heads": 2, "ffn": 64, "symbols": symbols})
+    SpeechTokenizer(config, enc, None).save(tmp_path)
+    assert not (tmp_path / "centres.safetensors").exists()
+    assert read_speech_config(tmp_path).features["symbols"] == symbols
+    loaded = SpeechTokenizer.from_dir(tmp_path)
+    wav = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    frames = loaded.encode_frames(wav)
+    assert len(frames) == 50 and set(frames) <= set(range(6))  # 50 Hz, blank = 5
+    expected = [k for i, k in enumerate(frames) if k != 5 and (i == 0 or frames[i - 1] != k)]
+    assert loaded.encode(wav) == expected
+    with pytest.raises(ValueError, match="no centres"):
+        SpeechTokenizer(config, enc, np.zeros((5, 6), dtype=np.float32))

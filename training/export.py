@@ -62,6 +62,8 @@ class ExportConfig:
     recipe: str | None = None  # recorded in provenance
     data: tuple[str, ...] = ()  # training data files, recorded (path, size, sha256) in provenance
     description: str = ""
+    weights_dtype: str = "float32"  # "float16" halves the bundle (small models ship in the repository)
+    max_new_tokens: int | None = None  # the bundle's generation override (its answers' longest sensible length)
     push_to_hub: str | None = None  # Hub repo id to upload the bundle to (needs a token and network)
     private: bool = True
 
@@ -98,7 +100,7 @@ def write_lm(cfg: ExportConfig, out: Path) -> tuple[str, str | None]:
 
     model = AutoModelForCausalLM.from_pretrained(lm_src, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_src).merge_and_unload()
-    merged.save_pretrained(out / "lm", safe_serialization=True)
+    merged.to(getattr(torch, cfg.weights_dtype)).save_pretrained(out / "lm", safe_serialization=True)
     load_tokenizer(str(adapter_src)).save_pretrained(out / "lm")
     for extra in (TRAINING_JSON,):  # keep the lm's own training record next to its weights
         if (lm_src / extra).is_file():
@@ -230,6 +232,7 @@ def main(cfg: ExportConfig) -> Path:
         lm=lm,
         adapter=adapter,
         context_length=cfg.context_length,
+        generation={"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {},
         provenance=provenance(cfg, vocoder),
         description=cfg.description or f"{cfg.name}: trained with training/ ({cfg.recipe or 'no recipe given'})",
     )

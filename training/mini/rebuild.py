@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RECIPE = Path("training/recipes/mini")
 DEFAULT_ROOT = "runs/mini"
 ASSET_DIR = Path("assets/speechgpt-tiny")
+CI_SUBSET_DIR = Path("tests/data/eval-subset")  # the CI evaluation's questions, audio kept in the repository
 STAGES = ("stage0_base", "stage1_pretrain", "stage2_instruct", "stage3_chain")
 
 
@@ -94,18 +95,31 @@ def rebuild(root: Path, plan: Plan, workers: int) -> Path:
     if not (bundle / "bundle.json").is_file():
         _run(["-m", "training.export", *_stage_args("export", str(root), plan)[2:]])
     if not (bundle / "eval.json").is_file():
-        limit = ["--limit", str(plan.eval_limit)] if plan.eval_limit else []
+        limit = ["--limit", str(plan.eval_limit), "--max-new-tokens", "48"] if plan.eval_limit else []
         _run(["-m", "speechgpt_app", "eval", "--model", str(bundle), "--sets", str(corpus / "eval"),
               "--json", str(bundle / "eval.json"), *limit])  # fmt: skip
     log.info("rebuild done in %.0f s: %s", time.monotonic() - started, bundle)
     return bundle
 
 
-def install(bundle: Path, dest: Path = ASSET_DIR) -> Path:
-    """Copy the bundle (with its eval.json) into assets/ as the app's default model."""
+def install(bundle: Path, corpus: Path, dest: Path = ASSET_DIR, subset_dir: Path = CI_SUBSET_DIR) -> Path:
+    """Copy the bundle (with its eval.json) into assets/ as the app's default model, and the CI
+    evaluation subset (its lines and audio) into tests/data/eval-subset."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(bundle, dest)
+    if subset_dir.exists():
+        shutil.rmtree(subset_dir)
+    (subset_dir / "audio").mkdir(parents=True)
+    lines = []
+    for line in (corpus / "eval" / "ci-subset.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        row.pop("answer_audio", None)  # CI scores text answers only: no recogniser, no reference audio
+        src = corpus / "eval" / row["audio"]
+        shutil.copy(src, subset_dir / "audio" / src.name)
+        row["audio"] = f"audio/{src.name}"
+        lines.append(json.dumps(row))
+    (subset_dir / "ci-subset.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return dest
 
 
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bundle = rebuild(args.root, QUICK if args.quick else FULL, args.workers)
     if args.install:
-        print(install(bundle))
+        print(install(bundle, args.root / "corpus"))
     print(json.dumps({"bundle": str(bundle)}))
 
 

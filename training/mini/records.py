@@ -143,6 +143,8 @@ def build(corpus: Path, units: dict[str, list[int]], out: Path) -> dict[str, int
 
 TRAINING_VOICES_GROUP = "training voices"
 HELDOUT_VOICE_GROUP = "held-out voice (Piper joe)"
+CI_GROUP = "CI subset (training voices)"
+CI_SUBSET = 64
 
 
 def write_eval_sets(corpus: Path, out: Path) -> dict[str, int]:
@@ -177,6 +179,18 @@ def write_eval_sets(corpus: Path, out: Path) -> dict[str, int]:
             row = line(follow[0], conv.follow, TRAINING_VOICES_GROUP)
             row["history"] = [{k: v for k, v in line(first[0], conv.first, TRAINING_VOICES_GROUP).items() if k != "group"}]
             sets["followups"].append(row)
+    # The fixed subset CI evaluates (its audio is copied into the repository by `rebuild --install`):
+    # every kind, held-out questions by training voices.
+    pool = sorted(sets["heldout-training-voices"], key=lambda r: (r["kind"], r["text"]))
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for r in pool:
+        by_kind[r["kind"]].append(r)
+    subset: list[dict] = []
+    while len(subset) < CI_SUBSET and any(by_kind.values()):
+        for kind in sorted(by_kind):
+            if by_kind[kind] and len(subset) < CI_SUBSET:
+                subset.append({**by_kind[kind].pop(0), "group": CI_GROUP})
+    sets["ci-subset"] = subset
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in sets.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
