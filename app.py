@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from speechgpt_app import __version__
+from speechgpt_app.audio import MAX_UPLOAD_BYTES
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
 from speechgpt_app.ui import CSS, build_ui

@@ -18,9 +18,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
+from speechgpt_app.events import Accumulator, Audio, End, Event, Notice, Units
 from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
 from speechgpt_app.prompt import OUTPUT_MODES, TASKS
 
@@ -101,40 +99,32 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, OSError, MissingWeightsError, ModelLoadError) as e:
         return _fail(str(e))
 
-    timings = Timings()
+    timings, turn = Timings(), Accumulator()
     seen: list[Event] = []
-    heard, answer, units, chunks = [], [], [], []
     try:
         for event in events:
             timings.observe(event)
+            turn.add(event)
             seen.append(event)
-            if isinstance(event, Heard):
-                heard.append(event.text)
-            elif isinstance(event, Answer):
-                answer.append(event.text)
-            elif isinstance(event, Units):
-                units.extend(event.ids)
-            elif isinstance(event, Audio):
-                chunks.append(event.pcm)
-            elif isinstance(event, Notice) and not args.json:
+            if isinstance(event, Notice) and not args.json:
                 print(f"note: {event.message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    end = seen[-1]
-    assert isinstance(end, End)
+    end = turn.end
+    assert end is not None
 
     wrote = None
-    if chunks:
+    if turn.chunks:
         wrote = args.out
-        sf.write(wrote, np.concatenate(chunks), pipeline.sample_rate, subtype="PCM_16")
+        sf.write(wrote, turn.audio(), pipeline.sample_rate, subtype="PCM_16")
     if args.json:
         doc = {
             "model": pipeline.description,
             "model_details": pipeline.details,
-            "heard": "".join(heard),
-            "answer": "".join(answer),
-            "units": units,
+            "heard": turn.heard,
+            "answer": turn.answer,
+            "units": turn.units,
             "reason": end.reason,
             "problems": list(end.problems),
             "audio_file": str(wrote) if wrote else None,
@@ -144,7 +134,7 @@ def run_cli(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, ensure_ascii=False, indent=1))
     else:
-        _print_summary(pipeline, "".join(heard), "".join(answer), units, end, wrote, timings)
+        _print_summary(pipeline, turn.heard, turn.answer, turn.units, end, wrote, timings)
     return EXIT_FAILED if end.reason == "error" else 0
 
 

@@ -18,7 +18,7 @@ Figures (percentages; WER in points):
 - answer accuracy speech -> text and speech -> speech: an answer is right when it ends with the key
   fact after normalisation (case, punctuation, numbers as digits or words); for speech out, the answer
   audio is transcribed by an independent recogniser (Whisper tiny.en through faster-whisper) first;
-- follow-up accuracy (speech -> text, lines with a history);
+- follow-up accuracy (lines with a history; asked for speech + text as the app does, the text scored);
 - ASR task WER (the transcribe task) and TTS task WER (the speak task on `text`, heard back by the
   recogniser);
 - intelligibility gap: recogniser WER on our spoken answers minus its WER on `answer_audio`;
@@ -187,7 +187,9 @@ def evaluate(
             acc, _ = run_turn(pipeline, greedy, history, audio=earlier.audio)
             if acc.end is not None and acc.end.turn is not None:
                 history.append(acc.end.turn)
-        s2t, _ = run_turn(pipeline, replace(greedy, output="text"), history, audio=item.audio)
+        # A follow-up is asked as the app asks by default (speech + text) and scored on its text answer.
+        output = "speech+text" if item.history else "text"
+        s2t, _ = run_turn(pipeline, replace(greedy, output=output), history, audio=item.audio)
         row: dict[str, Any] = {"audio": item.audio, "text": item.text, "kind": item.kind, "group": item.group,
                                "heard": s2t.heard, "answer_s2t": s2t.answer}  # fmt: skip
         if item.history:

@@ -158,7 +158,10 @@ def friendly_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, (MissingWeightsError, ModelNameError, ModelLoadError, BundleError)):
         return gr.Error(f"The model is not available: {exc}", title="Model not available")
     if isinstance(exc, ValueError):  # bad input: audio.AudioError, prompt.PromptError, option values
-        return gr.Error(str(exc), title="Can't answer this")
+        # A refused input is not a server fault: one log line, nothing of the user's (no audio, text or
+        # file name), and no traceback from Gradio.
+        log.info("refused an input: %s", getattr(exc, "kind", type(exc).__name__))
+        return gr.Error(str(exc), title="Can't answer this", print_exception=False)
     if isinstance(exc, torch.OutOfMemoryError):
         return gr.Error(OUT_OF_MEMORY, title="Out of memory")
     log.exception("turn failed")

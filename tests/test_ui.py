@@ -132,7 +132,9 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     assert len(two["context"]) == 1
     assert ANSWER in two["context"][0]["assistant"] and units_to_text(UNITS) in two["context"][0]["assistant"]
     assert doc["model"].startswith("scripted-test-model") and "/" not in doc["model"]  # paths only in details
-    assert doc["model_details"]["name"] == "scripted-test-model" and doc["model_details"]["bundle"]
+    # The export is downloaded from a public page: names and Hub ids only, no local paths.
+    assert doc["model_details"]["name"] == "scripted-test-model" and doc["model_details"]["lm"] == "scripted-test-model/lm"
+    assert "bundle" not in doc["model_details"] and not any("/tmp" in str(v) for v in doc["model_details"].values())
     assert {"torch", "transformers", "gradio", "speechgpt_app"} <= set(doc["versions"])
     assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.7
 
@@ -430,3 +432,15 @@ def test_oversized_uploads_are_refused_before_they_reach_the_disk(server: str, t
     small.write_bytes(b"RIFF")
     with small.open("rb") as f:
         assert httpx.post(f"{server}gradio_api/upload", files={"files": ("small.wav", f)}, timeout=60).is_success
+
+
+def test_a_refused_upload_logs_one_line_and_no_traceback(server: str, tmp_path: Path, capfd, caplog) -> None:
+    bad = tmp_path / "my-private-name.wav"
+    bad.write_bytes(b"not audio at all" * 100)
+    c = Client(server, verbose=False)
+    with caplog.at_level("INFO"), pytest.raises(AppError, match="Could not read"):
+        send(c, audio=str(bad))
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert "my-private-name" not in out + err + caplog.text
+    assert any("refused an input" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,9 @@ One reader for every stage keeps the command lines alike:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -88,11 +91,55 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
-    """Read `--config recipe.yaml` then `--key value` / `--key=value` overrides (dotted for nested)."""
-    import sys
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment after each field in the dataclass's source: the help text of its option."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M)
+    return {name: text.strip() for name, text in found}
 
+
+def help_text(cls: type, recipe: dict[str, Any], prefix: str = "") -> str:
+    """One line per option: `--name TYPE = value` (the recipe's, else the default), and its comment."""
+    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(hint) or inner:
+            sub = hint if dataclasses.is_dataclass(hint) else inner[0]
+            lines.append(help_text(sub, recipe.get(f.name) or {}, prefix + f.name + "."))
+            continue
+        if f.name in recipe:
+            value = f"{recipe[f.name]!r} (recipe)"
+        elif f.default is not dataclasses.MISSING:
+            value = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = repr(f.default_factory())
+        else:
+            value = "required"
+        type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        lines.append(f"  --{prefix}{f.name} {type_name} = {value}" + (f"\n      {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    """Read `--config recipe.yaml` then `--key value` / `--key=value` overrides (dotted for nested).
+
+    `--help` (or `-h`) prints every option with its type, its value (the recipe's when `--config`
+    is given first, else the default) and its comment, then exits.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        recipe = load_yaml(Path(argv[argv.index("--config") + 1])) if "--config" in argv[:-1] else {}
+        main = sys.modules["__main__"]
+        doc = (main.__doc__ or cls.__doc__ or "").strip()
+        spec = getattr(main, "__spec__", None)
+        usage = f"python -m {spec.name if spec else cls.__module__} [--config recipe.yaml] [--key value ...]"
+        print(f"{doc}\n\nusage: {usage}\n\noptions ({cls.__name__}):\n{help_text(cls, recipe)}")
+        raise SystemExit(0)
     tree: dict[str, Any] = {}
     overrides: list[tuple[str, str]] = []
     i = 0

@@ -191,6 +191,9 @@ def write_eval_sets(corpus: Path, out: Path) -> dict[str, int]:
             if by_kind[kind] and len(subset) < CI_SUBSET:
                 subset.append({**by_kind[kind].pop(0), "group": CI_GROUP})
     sets["ci-subset"] = subset
+    shuffle = random.Random(SEED)
+    for name in ("heldout-training-voices", "heldout-joe", "followups"):
+        shuffle.shuffle(sets[name])  # any prefix (eval --limit N) mixes every kind
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in sets.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
