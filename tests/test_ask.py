@@ -62,8 +62,17 @@ def test_ask_bad_input_is_one_line_and_status_2(bundle, capsys, argv, words):
 
 
 def test_ask_missing_model(tmp_path, capsys, monkeypatch):
+    from speechgpt_app import loaders
+
     monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
+    # No model named: the shipped SpeechGPT-tiny answers, offline.
+    assert main(["ask", "--text", "what is two plus two", "--output", "text", "--greedy", *CPU]) == 0
+    out = capsys.readouterr().out
+    assert "model:  speechgpt-tiny" in out and "answer:" in out
+    # ...and without it, a plain message that says how to get it back.
+    monkeypatch.setattr(loaders, "DEFAULT_MODEL", tmp_path / "speechgpt-tiny")
     assert main(["ask", "--text", "hi", *CPU]) == 2
-    assert "SPEECHGPT_MODEL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the default model is missing" in err and "SPEECHGPT_MODEL" in err
     assert main(["ask", "--model", str(tmp_path / "nowhere"), "--text", "hi", *CPU]) == 2
     assert "nowhere" in capsys.readouterr().err
