@@ -174,9 +174,11 @@ def _resample(wav: np.ndarray, rate: int) -> np.ndarray:
 
 def evaluate(
     pipeline: Pipeline, items: Iterable[EvalItem], recogniser: Callable[[np.ndarray], str] | None,
-    progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None, tasks: bool = True,
 ) -> dict[str, Any]:
-    """Run every item (greedy); return {"groups": {group: {figure: value}}, "items": [...]}."""
+    """Run every item (greedy); return {"groups": {group: {figure: value}}, "items": [...]}.
+
+    `tasks=False` skips the transcribe and speak task turns (their WERs are then absent)."""
     greedy = replace(pipeline.default_options, do_sample=False, seed=0)
     if max_new_tokens is not None:
         greedy = replace(greedy, max_new_tokens=max_new_tokens)
@@ -224,7 +226,7 @@ def evaluate(
                 t.add("_ours_words", our_words)
                 t.add("_ref_errors", theirs)
                 t.add("_answer_words", words)
-        if not item.history:
+        if tasks and not item.history:
             asr, _ = run_turn(pipeline, replace(greedy, task="transcribe"), audio=item.audio)
             errors, words = word_errors(asr.heard or asr.answer, item.text)
             t.add("_asr_errors", errors)

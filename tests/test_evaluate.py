@@ -60,7 +60,7 @@ def test_ci_subset_accuracy_holds_against_the_shipped_eval_json(tiny: Pipeline) 
     items = evaluate.read_eval_set(SUBSET)
     assert len(items) >= 60
     group = items[0].group
-    result = evaluate.evaluate(tiny, items, recogniser=None)["groups"][group]
+    result = evaluate.evaluate(tiny, items, recogniser=None, tasks=False)["groups"][group]
     for figure in ("transcript_exact", "answer_s2t"):
         assert result[figure] >= shipped[group][figure] - ALLOWED_DROP, (figure, result[figure], shipped[group][figure])
 
