@@ -92,8 +92,8 @@ Event = Union[Heard, Answer, Units, Audio, Notice, End]
 @dataclass
 class Accumulator:
     """One turn's events folded into what a reader wants: the transcript, the answer, the units, the
-    audio, the notices and the End. The page, `ask`, `chat --mic`, `eval` and the export read a turn
-    through this one class (`add` each event as it comes)."""
+    audio, the notices and the End (`add` each event as it comes). `ask` and `eval` read their turns
+    through it; the page and `chat --mic` still fold events themselves."""
 
     heard: str = ""
     answer: str = ""
