@@ -75,16 +75,21 @@ def normalise(text: str) -> str:
     return " ".join(w.strip("'") for w in text.split() if w.strip("'"))
 
 
-def word_errors(hyp: str, ref: str) -> tuple[int, int]:
-    """(word edit distance, reference words) after normalisation."""
-    h, r = normalise(hyp).split(), normalise(ref).split()
-    prev = list(range(len(r) + 1))
-    for i, x in enumerate(h, 1):
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two sequences (words, units, phonemes)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
         cur = [i]
-        for j, y in enumerate(r, 1):
+        for j, y in enumerate(b, 1):
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
         prev = cur
-    return prev[-1], len(r)
+    return prev[-1]
+
+
+def word_errors(hyp: str, ref: str) -> tuple[int, int]:
+    """(word edit distance, reference words) after normalisation."""
+    r = normalise(ref).split()
+    return edit_distance(normalise(hyp).split(), r), len(r)
 
 
 def answer_is_right(answer: str, key: str) -> bool:

@@ -16,7 +16,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from training.mini.train_units import edit_distance
+from speechgpt_app.evaluate import edit_distance
 
 
 def ned(a: list[int], b: list[int]) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from speechgpt_app.audio import AudioLimits, load_audio
+from speechgpt_app.evaluate import edit_distance
 from speechgpt_app.units import CTCUnitEncoder, SpeechConfig, SpeechTokenizer
 from training.mini import domain, phonemes
 
@@ -94,17 +95,6 @@ def _collate(items, idx, rng, augment: bool):
     mask = torch.arange(int(out_lengths.max()))[None] >= out_lengths[:, None]
     targets = [torch.tensor(items[i][1]) for i in idx]
     return mel, mask, out_lengths, torch.cat(targets), torch.tensor([len(t) for t in targets])
-
-
-def edit_distance(a: list, b: list) -> int:
-    """Levenshtein distance between two sequences."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def phoneme_error_rate(enc: CTCUnitEncoder, items: list) -> float:
