@@ -24,13 +24,13 @@ import gradio as gr
 
 from speechgpt_app import __version__
 from speechgpt_app.audio import MAX_UPLOAD_BYTES
+from speechgpt_app.loaders import read_examples
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
 from speechgpt_app.ui import CSS, build_ui
 
 log = logging.getLogger("speechgpt_app.app")
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 CONCURRENCY_LIMIT = 1  # turns run one at a time: one model, one device
 QUEUE_SIZE = 16  # turns waiting beyond this are refused, and the user is told the queue is full
 # Uploads larger than this are refused by Gradio before they reach the disk. 20 s of 8-channel 96 kHz
@@ -86,7 +86,7 @@ def create_app(model: str | None = None, quant: str | None = None, queue_size: i
             pipeline,
             label=pipeline.warning if pipeline is not None else None,
             unavailable=unavailable,
-            examples=sorted(EXAMPLES_DIR.glob("*.wav")),
+            examples=[e.audio for e in read_examples()],
             gpu=spaces_compat.gpu(),
         )
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=queue_size)

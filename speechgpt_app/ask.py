@@ -14,26 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from speechgpt_app.cli import add_model_flags, add_sampling_flags, load_pipeline, sampling_options
 from speechgpt_app.events import Accumulator, Audio, End, Event, Notice, Units
-from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
-from speechgpt_app.prompt import OUTPUT_MODES, TASKS
+from speechgpt_app.loaders import MissingWeightsError
+from speechgpt_app.model import ModelLoadError
+from speechgpt_app.pipeline import Timings
+from speechgpt_app.prompt import TASKS
 
 EXIT_BAD_INPUT = 2  # bad input, unknown or missing model
 EXIT_FAILED = 1  # the turn ended with an error
 EXIT_INTERRUPTED = 130  # Ctrl-C
-
-# --flag -> Options field, for the sampling settings (None = the bundle's default).
-_SAMPLING_FLAGS = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "max_new_tokens": int,
-    "min_new_tokens": int,
-}
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -42,27 +36,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     source.add_argument("--audio", type=Path, help="the spoken question (wav, flac, mp3, ogg, webm, m4a)")
     source.add_argument("--text", help="a typed question (chat) or the text to say (--task speak)")
     p.add_argument("--out", type=Path, default=Path("answer.wav"), help="answer audio (default: answer.wav)")
-    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV}, else the shipped SpeechGPT-tiny)")
-    p.add_argument("--quant", default=None, help="auto, none, nf4, int8, int4 (default: $SPEECHGPT_QUANT or auto)")
-    p.add_argument("--precision", default=None, help="auto (bf16), bf16, fp16, fp32")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")
+    add_model_flags(p)
     p.add_argument("--task", choices=TASKS, default="chat")
-    p.add_argument("--output", choices=OUTPUT_MODES, default="speech+text", help="answer with speech and text, or text only")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible answer")
-    p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
-    for name, kind in _SAMPLING_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="default: the model's")
+    add_sampling_flags(p)
     p.add_argument("--assistant-prefix", default=None, help="force the start of the answer (e.g. 'corrected words; [ta] ')")
     p.add_argument("--json", action="store_true", help="print every event and the timings as one JSON document")
-
-
-def _options(args: argparse.Namespace, defaults: Options) -> Options:
-    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
-    if args.greedy:
-        given["do_sample"] = False
-    return replace(
-        defaults, **given, seed=args.seed, task=args.task, output=args.output, assistant_prefix=args.assistant_prefix
-    )
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
@@ -87,12 +65,10 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run one turn as the arguments say; returns the exit status."""
     import soundfile as sf
 
-    from speechgpt_app.loaders import MissingWeightsError
-    from speechgpt_app.model import ModelLoadError
 
     try:
-        pipeline = Pipeline.load(args.model, quant=args.quant, device=args.device, precision=args.precision)
-        options = _options(args, pipeline.default_options)
+        pipeline = load_pipeline(args)
+        options = sampling_options(args, pipeline.default_options, task=args.task, assistant_prefix=args.assistant_prefix)
         events = pipeline.respond(audio=args.audio, text=args.text, options=options)
     # Every input and model error of ours is one of these (AudioError, PromptError, BundleError,
     # ModelNameError and VocoderError are ValueErrors); an OSError is an unreadable file.

@@ -8,7 +8,7 @@ bundle/
   adapter/      optional PEFT LoRA adapter (or {"hub": id}, or absent)
 ```
 
-The released 7B system, the scripted test model and the models trained here all share this
+The released 7B system, the models trained here and the tests' scripted model all share this
 shape; `read_bundle` is the one place that checks it.
 """
 
@@ -58,6 +58,7 @@ class BundleInfo:
     generation: dict[str, Any] = field(default_factory=dict)  # overrides of the sampling defaults
     provenance: dict[str, Any] = field(default_factory=dict)  # recipe, data, steps, seed, versions...
     description: str = ""
+    notice: str = ""  # a plain line front ends show beside the model's name (what it cannot do)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -96,8 +97,9 @@ def _validate(info: BundleInfo) -> None:
             raise BundleError(f"bundle 'generation.{key}' must be finite, got {value!r}")
     if not isinstance(info.provenance, dict):
         raise BundleError("bundle 'provenance' must be an object")
-    if not isinstance(info.description, str):
-        raise BundleError("bundle 'description' must be a string")
+    for key in ("description", "notice"):
+        if not isinstance(getattr(info, key), str):
+            raise BundleError(f"bundle '{key}' must be a string")
 
 
 def _check_location(key: str, value: object) -> None:

@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 import types
 import typing
@@ -35,6 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from speechgpt_app.units import HubertFeatures, SpeechConfig, SpeechTokenizer
+from speechgpt_app.vocoder import (
+    VOCODER_SUBDIR,
+    CodeHiFiGAN,
+    VocoderConfig,
+    read_generator_checkpoint,
+    save_vocoder_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -444,14 +452,6 @@ def write_speech_dir(
     overwrite: bool = False,
 ) -> Path:
     """Convert the released files into the speech directory `out` (written whole, then renamed into place)."""
-    from speechgpt_app.units import HubertFeatures, SpeechConfig, SpeechTokenizer
-    from speechgpt_app.vocoder import (
-        VOCODER_SUBDIR,
-        CodeHiFiGAN,
-        VocoderConfig,
-        read_generator_checkpoint,
-        save_vocoder_dir,
-    )
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -482,51 +482,3 @@ def write_speech_dir(
         raise
     log.info("wrote speech directory %s", out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-
-_FILE_ARGS = ("hubert", "kmeans", "vocoder", "vocoder_config")
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """Arguments of `python -m speechgpt_app convert`."""
-    p.description = (
-        "Convert the released mHuBERT, k-means and unit-vocoder files into a speech directory. "
-        "With no file arguments, download the released files and convert them into the cache once."
-    )
-    p.add_argument("--hubert", type=Path, help="mHuBERT fairseq checkpoint (.pt)")
-    p.add_argument("--kmeans", type=Path, help="k-means quantiser (joblib .bin)")
-    p.add_argument("--vocoder", type=Path, help="unit HiFi-GAN checkpoint (g_00500000)")
-    p.add_argument("--vocoder-config", type=Path, help="the vocoder's config.json")
-    p.add_argument("--out", type=Path, help="speech directory to write (required with file arguments)")
-    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="HuBERT layer of the units (default 11)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run the convert command; errors are printed plainly and give exit status 1."""
-    from speechgpt_app.loaders import MissingWeightsError, ensure_released_speech_dir
-    from speechgpt_app.vocoder import VocoderError
-
-    given = [a for a in _FILE_ARGS if getattr(args, a) is not None]
-    try:
-        if not given:
-            if args.out is not None or args.layer != DEFAULT_LAYER:
-                raise ConvertError("--out and --layer need the four file arguments; without them the "
-                                   "released files are converted into the cache")
-            out = ensure_released_speech_dir()
-        elif len(given) < len(_FILE_ARGS) or args.out is None:
-            lacking = [f"--{a.replace('_', '-')}" for a in (*_FILE_ARGS, "out") if getattr(args, a) is None]
-            raise ConvertError(f"converting local files needs {', '.join(lacking)} as well")
-        else:
-            out = write_speech_dir(
-                args.out, args.hubert, args.kmeans, args.vocoder, args.vocoder_config, args.layer, args.force
-            )
-    except (ConvertError, UnsafePickleError, VocoderError, MissingWeightsError, FileExistsError, FileNotFoundError) as e:
-        print(f"convert: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0

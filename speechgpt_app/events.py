@@ -9,12 +9,13 @@ turn compare equal whatever their timing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal, Union
 
 import numpy as np
 
-if TYPE_CHECKING:  # the prompt module imports this one
-    from speechgpt_app.prompt import Turn
+# A Notice is born where a prompt is built (history shortened) as well as here; a Turn is what an End
+# hands back for the history. Both live in prompt.py, which imports nothing of this module.
+from speechgpt_app.prompt import Notice, Turn
 
 EndReason = Literal["eoa", "eos", "max_tokens", "cancelled", "error"]
 END_REASONS: tuple[str, ...] = ("eoa", "eos", "max_tokens", "cancelled", "error")
@@ -63,15 +64,6 @@ class Audio:
 
 
 @dataclass(frozen=True)
-class Notice:
-    """Something the user or researcher should know: `kind` is a stable slug, e.g. "history_trimmed"."""
-
-    kind: str
-    message: str
-    t_ms: float = field(default=0.0, compare=False)
-
-
-@dataclass(frozen=True)
 class End:
     """The turn is over. `problems` lists what was wrong with the model's output, in plain words.
 
@@ -92,8 +84,8 @@ Event = Union[Heard, Answer, Units, Audio, Notice, End]
 @dataclass
 class Accumulator:
     """One turn's events folded into what a reader wants: the transcript, the answer, the units, the
-    audio, the notices and the End (`add` each event as it comes). `ask` and `eval` read their turns
-    through it; the page and `chat --mic` still fold events themselves."""
+    audio, the notices and the End (`add` each event as it comes). The page (and its export), `ask`,
+    `chat --mic` and `eval` all read their turns through it."""
 
     heard: str = ""
     answer: str = ""

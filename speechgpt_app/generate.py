@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from speechgpt_app.prompt import EOA  # end of answer, spelled with ordinary pieces
+
 # The released inference settings (REFERENCE.md section 4; the paper used 0.8 / 0.8 / 60).
 DO_SAMPLE = True
 TEMPERATURE = 0.7
@@ -29,7 +31,6 @@ TOP_K = 50
 MAX_NEW_TOKENS = 2048  # tokens; also capped so that prompt + answer fit the context
 MIN_NEW_TOKENS = 10  # tokens before `</s>` may end the answer
 
-EOA = "<eoa>"  # end of answer, spelled with ordinary pieces
 DETOKENIZER_CONTEXT = 5  # tokens of left context re-decoded after a truncation (spaces, bytes)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
 
@@ -337,99 +338,121 @@ def stream_tokens(
     ("cancelled", checked before every model step). `context_length` defaults to the model's
     `max_position_embeddings`. Raises ValueError when the prompt leaves no room for an answer.
     """
-    started = time.perf_counter()
-    if context_length is None:
-        context_length = getattr(model.config, "max_position_embeddings", None)
-    limit = options.max_new_tokens
-    if context_length is not None:
-        room = context_length - len(prompt_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens: no room left in the context of {context_length}")
-        limit = min(limit, room)
-    stop_strings = tuple(s for s in stop_strings if s)
-    eos_id = tokenizer.eos_token_id
-    generator = make_generator(options.seed)
-    decoder = _Decoder(model, prompt_ids)
-    detok = IncrementalDetokenizer(tokenizer)
-    emitted = 0  # characters of detok.text already streamed
-    sampled = forced = 0
-    prefill_s: float | None = None
-
-    def release(final: bool = False) -> str:
-        """The streamable text: up to any possible stop-string start (all of it when final)."""
-        nonlocal emitted
-        end = len(detok.text) if final else len(detok.text) - _held_back(detok.text, emitted, stop_strings)
-        out = detok.text[emitted:end] if end > emitted else ""
-        emitted = max(emitted, end)
-        return out
-
-    def finish(reason: FinishReason, stop: str | None = None, text: str = "") -> Step:
-        stats = GenerationStats(
-            prompt_tokens=len(prompt_ids),
-            sampled_tokens=sampled,
-            forced_tokens=forced,
-            prefill_s=prefill_s if prefill_s is not None else time.perf_counter() - started,
-            total_s=time.perf_counter() - started,
-        )
-        return Step(None, text, finish=reason, stop=stop, stats=stats)
-
-    def force(ids: Sequence[int]) -> Iterator[Step]:
-        nonlocal forced
-        for token_id in ids[: limit - len(detok.ids)]:  # the context ends here in any case
-            decoder.pending.append(token_id)
-            detok.push(token_id)
-            forced += 1
-            yield Step(token_id, release(), forced=True)
-
+    answer = _Answer(model, tokenizer, prompt_ids, options, stop_strings, context_length)
     prefix_ids = encode_continuation(tokenizer, prefix) if prefix else []
-    if len(prefix_ids) > limit:
-        raise ValueError(f"the forced prefix has {len(prefix_ids)} tokens, more than the {limit} allowed")
-    yield from force(prefix_ids)
-
+    if len(prefix_ids) > answer.limit:
+        raise ValueError(f"the forced prefix has {len(prefix_ids)} tokens, more than the {answer.limit} allowed")
+    yield from answer.force(prefix_ids)
     while True:
         if cancel is not None and cancel.is_set():
-            detok.flush()
-            yield finish("cancelled", text=release(final=True))
+            yield answer.finish("cancelled")
             return
-        if len(detok.ids) >= limit:
-            detok.flush()
-            yield finish("max_tokens", text=release(final=True))
+        if len(answer.detok.ids) >= answer.limit:
+            yield answer.finish("max_tokens")
             return
-        logits = decoder.logits()
-        if prefill_s is None:
-            prefill_s = time.perf_counter() - started
-        if eos_id is not None and len(detok.ids) < options.min_new_tokens:
-            logits[eos_id] = float("-inf")
-        if logits_hook is not None:
-            logits = logits_hook(list(detok.ids), logits)
-        token_id = choose_token(logits, options, generator)
-
-        if token_id == eos_id:
-            detok.flush()
-            continuation = on_stop("eos", detok.text) if on_stop is not None else None
+        token_id = answer.choose(logits_hook)
+        if token_id == tokenizer.eos_token_id:
+            answer.detok.flush()
+            continuation = on_stop("eos", answer.detok.text) if on_stop is not None else None
             if continuation:
-                yield from force(encode_continuation(tokenizer, continuation, detok.ids))
+                yield from answer.force(encode_continuation(tokenizer, continuation, answer.detok.ids))
                 continue
-            yield finish("eos", text=release(final=True))
+            yield answer.finish("eos")
             return
-
-        decoder.pending.append(token_id)
-        detok.push(token_id)
-        sampled += 1
-        hit = _find_stop(detok.text, emitted, stop_strings)
+        hit = answer.push(token_id)
         if hit is None:
-            yield Step(token_id, release())
+            yield Step(token_id, answer.release())
             continue
         at, stop = hit
-        before_stop = detok.text[emitted:at]
-        emitted = at
-        continuation = on_stop("eoa", detok.text[:at]) if on_stop is not None else None
-        if not continuation:
-            yield Step(token_id, before_stop)
-            yield finish("eoa", stop=stop)
-            return
+        before_stop = answer.detok.text[answer.emitted : at]
+        answer.emitted = at
+        continuation = on_stop("eoa", answer.detok.text[:at]) if on_stop is not None else None
         yield Step(token_id, before_stop)
-        yield from force(_retract(decoder, detok, at, continuation))
+        if not continuation:
+            yield Step(None, "", finish="eoa", stop=stop, stats=answer.stats())
+            return
+        yield from answer.force(_retract(answer.decoder, answer.detok, at, continuation))
+
+
+class _Answer:
+    """One answer being generated: the model's cache, the text so far, what was streamed, the counts."""
+
+    def __init__(self, model, tokenizer, prompt_ids: Sequence[int], options: SamplingOptions,
+                 stop_strings: Sequence[str], context_length: int | None) -> None:  # fmt: skip
+        self.started = time.perf_counter()
+        self.limit = _answer_limit(model, prompt_ids, options.max_new_tokens, context_length)
+        self.options = options
+        self.n_prompt = len(prompt_ids)
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.eos_id = tokenizer.eos_token_id
+        self.generator = make_generator(options.seed)
+        self.decoder = _Decoder(model, prompt_ids)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.emitted = 0  # characters of detok.text already streamed
+        self.sampled = self.forced = 0
+        self.prefill_s: float | None = None
+
+    def release(self, final: bool = False) -> str:
+        """The streamable text: up to any possible stop-string start (all of it when final)."""
+        text = self.detok.text
+        end = len(text) if final else len(text) - _held_back(text, self.emitted, self.stop_strings)
+        out = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def stats(self) -> GenerationStats:
+        """The counts and times so far."""
+        now = time.perf_counter()
+        return GenerationStats(
+            prompt_tokens=self.n_prompt,
+            sampled_tokens=self.sampled,
+            forced_tokens=self.forced,
+            prefill_s=self.prefill_s if self.prefill_s is not None else now - self.started,
+            total_s=now - self.started,
+        )
+
+    def finish(self, reason: FinishReason) -> Step:
+        """The final step of an answer that ends here: the held-back text goes out with it."""
+        self.detok.flush()
+        return Step(None, self.release(final=True), finish=reason, stats=self.stats())
+
+    def force(self, ids: Sequence[int]) -> Iterator[Step]:
+        """Feed `ids` as the answer's next tokens (the context ends here in any case)."""
+        for token_id in ids[: self.limit - len(self.detok.ids)]:
+            self.decoder.pending.append(token_id)
+            self.detok.push(token_id)
+            self.forced += 1
+            yield Step(token_id, self.release(), forced=True)
+
+    def choose(self, logits_hook: LogitsHook | None) -> int:
+        """Run the model on what is pending (the prompt first: the prefill) and pick the next token."""
+        logits = self.decoder.logits()
+        if self.prefill_s is None:
+            self.prefill_s = time.perf_counter() - self.started
+        if self.eos_id is not None and len(self.detok.ids) < self.options.min_new_tokens:
+            logits[self.eos_id] = float("-inf")
+        if logits_hook is not None:
+            logits = logits_hook(list(self.detok.ids), logits)
+        return choose_token(logits, self.options, self.generator)
+
+    def push(self, token_id: int) -> tuple[int, str] | None:
+        """Add a sampled token to the answer; the first stop string it completed, if any."""
+        self.decoder.pending.append(token_id)
+        self.detok.push(token_id)
+        self.sampled += 1
+        return _find_stop(self.detok.text, self.emitted, self.stop_strings)
+
+
+def _answer_limit(model, prompt_ids: Sequence[int], max_new_tokens: int, context_length: int | None) -> int:
+    """How many answer tokens fit: `max_new_tokens`, or less when the context ends first."""
+    if context_length is None:
+        context_length = getattr(model.config, "max_position_embeddings", None)
+    if context_length is None:
+        return max_new_tokens
+    room = context_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens: no room left in the context of {context_length}")
+    return min(max_new_tokens, room)
 
 
 def _retract(decoder: _Decoder, detok: IncrementalDetokenizer, at: int, continuation: str) -> list[int]:

@@ -14,6 +14,7 @@ whose message names the file, its URL and the exact path to put it by hand.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import http.client
@@ -22,12 +23,17 @@ import logging
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from speechgpt_app import __version__
+from speechgpt_app.bundle import BUNDLE_FILE, BundleInfo, read_bundle, write_bundle
+from speechgpt_app.convert import DEFAULT_LAYER, ConvertError, UnsafePickleError, write_speech_dir
+from speechgpt_app.units import SPEECH_JSON
+from speechgpt_app.vocoder import VocoderError
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +325,6 @@ def fetch_released(key: str, progress: bool = True) -> Path:
 
 def ensure_released_speech_dir(progress: bool = True) -> Path:
     """The converted released speech directory; downloads and converts once, then reuses it."""
-    from speechgpt_app.convert import write_speech_dir
-    from speechgpt_app.units import SPEECH_JSON
-
     out = PRESETS["speechgpt-7b"].speech_dir
     if (out / SPEECH_JSON).is_file():
         return out
@@ -350,8 +353,6 @@ def missing_offline(spec: ReleasedSpec) -> list[str]:
     Offline, the parts would otherwise fail one at a time (mHuBERT first, the LM only after the
     speech files are converted); listing them all at once saves a user several round trips.
     """
-    from speechgpt_app.units import SPEECH_JSON
-
     missing = []
     if not (spec.speech_dir / SPEECH_JSON).is_file():
         for f in RELEASED.values():
@@ -372,7 +373,6 @@ def missing_offline(spec: ReleasedSpec) -> list[str]:
 
 def _ensure_preset(spec: ReleasedSpec) -> Path:
     """Write the preset's bundle.json beside its converted speech directory."""
-    from speechgpt_app.bundle import BUNDLE_FILE, BundleInfo, read_bundle, write_bundle
 
     if offline() and (missing := missing_offline(spec)):
         raise PresetUnavailableError(spec.name, missing)
@@ -395,12 +395,28 @@ def _ensure_preset(spec: ReleasedSpec) -> Path:
 
 # The default model: SpeechGPT-tiny, trained by training/mini/rebuild.py and shipped in the repository.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "speechgpt-tiny"
+EXAMPLES_DIR = DEFAULT_MODEL.parent / "examples"  # the page's example recordings, listed in examples.jsonl
+EXAMPLES_FILE = "examples.jsonl"  # {"audio": file name, "text": what is said, "answer": ...} per line, in page order
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled example recording, what it says, and the default model's answer ("" for none)."""
+
+    audio: Path
+    text: str
+    answer: str = ""
+
+
+def read_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
+    """The example recordings of `folder`'s examples.jsonl, in the order the page offers them."""
+    lines = (folder / EXAMPLES_FILE).read_text(encoding="utf-8").splitlines()
+    rows = map(json.loads, filter(str.strip, lines))
+    return [Example(folder / row["audio"], row["text"], row.get("answer", "")) for row in rows]
 
 
 def default_model() -> Path:
     """The shipped SpeechGPT-tiny bundle (offline, CPU), or a plain error naming how to rebuild it."""
-    from speechgpt_app.bundle import BUNDLE_FILE
-
     if not (DEFAULT_MODEL / BUNDLE_FILE).is_file():
         raise ModelNameError(
             f"the default model is missing ({DEFAULT_MODEL}); rebuild it with "
@@ -415,8 +431,6 @@ def resolve_model(name: str | Path) -> Path:
     The preset `speechgpt-7b` is assembled in the cache: bundle.json pointing at the Hub ids of
     the LM and adapter, and the converted released speech directory.
     """
-    from speechgpt_app.bundle import BUNDLE_FILE
-
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / BUNDLE_FILE).is_file():
@@ -428,3 +442,48 @@ def resolve_model(name: str | Path) -> Path:
         f"unknown model {str(name)!r}: give a bundle directory (one holding {BUNDLE_FILE}) "
         f"or a preset name ({', '.join(sorted(PRESETS))})"
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: `python -m speechgpt_app convert` (local files, or the released ones downloaded once)
+# ---------------------------------------------------------------------------------------------------
+
+_FILE_ARGS = ("hubert", "kmeans", "vocoder", "vocoder_config")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Arguments of `python -m speechgpt_app convert`."""
+    p.description = (
+        "Convert the released mHuBERT, k-means and unit-vocoder files into a speech directory. "
+        "With no file arguments, download the released files and convert them into the cache once."
+    )
+    p.add_argument("--hubert", type=Path, help="mHuBERT fairseq checkpoint (.pt)")
+    p.add_argument("--kmeans", type=Path, help="k-means quantiser (joblib .bin)")
+    p.add_argument("--vocoder", type=Path, help="unit HiFi-GAN checkpoint (g_00500000)")
+    p.add_argument("--vocoder-config", type=Path, help="the vocoder's config.json")
+    p.add_argument("--out", type=Path, help="speech directory to write (required with file arguments)")
+    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="HuBERT layer of the units (default 11)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the convert command; errors are printed plainly and give exit status 1."""
+    given = [a for a in _FILE_ARGS if getattr(args, a) is not None]
+    try:
+        if not given:
+            if args.out is not None or args.layer != DEFAULT_LAYER:
+                raise ConvertError("--out and --layer need the four file arguments; without them the "
+                                   "released files are converted into the cache")
+            out = ensure_released_speech_dir()
+        elif len(given) < len(_FILE_ARGS) or args.out is None:
+            lacking = [f"--{a.replace('_', '-')}" for a in (*_FILE_ARGS, "out") if getattr(args, a) is None]
+            raise ConvertError(f"converting local files needs {', '.join(lacking)} as well")
+        else:
+            out = write_speech_dir(
+                args.out, args.hubert, args.kmeans, args.vocoder, args.vocoder_config, args.layer, args.force
+            )
+    except (ConvertError, UnsafePickleError, VocoderError, MissingWeightsError, FileExistsError, FileNotFoundError) as e:
+        print(f"convert: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

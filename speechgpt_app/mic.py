@@ -17,14 +17,17 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
 import numpy as np
 
-from speechgpt_app.events import Answer, Audio, End, Heard, Notice
-from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
-from speechgpt_app.prompt import OUTPUT_MODES, Turn
+from speechgpt_app.cli import add_model_flags, add_sampling_flags, load_pipeline, sampling_options
+from speechgpt_app.events import Accumulator, Answer, Audio, End, Heard, Notice
+from speechgpt_app.loaders import MissingWeightsError
+from speechgpt_app.model import ModelLoadError
+from speechgpt_app.pipeline import Options, Pipeline, Timings
+from speechgpt_app.prompt import Turn
 
 EXIT_NO_DEVICE = 2  # no sound card or no PortAudio, or a bad model / option
 BLOCK_SECONDS = 0.05  # microphone block: end-of-speech decisions are this fine-grained
@@ -218,13 +221,13 @@ class ChatSession:
     def turn(self, audio: tuple[int, np.ndarray]) -> End:
         """Answer one recording: print the text as it comes, play the speech as it comes."""
         cancel = threading.Event()
-        timings = Timings()
+        timings, turn = Timings(), Accumulator()
         section = None
-        end = End("error", ("the turn produced no events",))
         events = self.pipeline.respond(audio=audio, history=tuple(self.history), options=self.options, cancel=cancel)
         try:
             for event in events:
                 timings.observe(event)
+                turn.add(event)
                 if isinstance(event, (Heard, Answer)):
                     label = "Heard" if isinstance(event, Heard) else "Answer"
                     if label != section:
@@ -236,16 +239,14 @@ class ChatSession:
                     self.card.play(event.pcm, event.sample_rate)
                 elif isinstance(event, Notice):
                     self._say(f"note: {event.message}")
-                elif isinstance(event, End):
-                    end = event
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the chat. The interrupt may have closed the event
             # iterator; if it did not, the cancel flag ends the turn at the next token.
             cancel.set()
-            end = End("cancelled")
+            turn.end = End("cancelled")
             for event in events:
-                if isinstance(event, End):
-                    end = event
+                turn.add(event)
+        end = turn.end or End("error", ("the turn produced no events",))
         self.card.drain()
         self._say("")
         if end.reason == "cancelled":
@@ -287,17 +288,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the `chat` arguments."""
     p.add_argument("--mic", action="store_true", help="talk through the default microphone and speaker")
     p.add_argument("--auto-stop", action="store_true", help="stop recording after a second of silence")
-    p.add_argument("--model", default=None, help=f"bundle directory or preset (default: ${MODEL_ENV}, else the shipped SpeechGPT-tiny)")
-    p.add_argument("--quant", default=None, help="auto, none, nf4, int8 (default: $SPEECHGPT_QUANT or auto)")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if available)")
-    p.add_argument("--output", choices=OUTPUT_MODES, default="speech+text", help="answer with speech and text, or text only")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_model_flags(p)
+    add_sampling_flags(p)
 
 
 def run_cli(args: argparse.Namespace, card: SoundCard | None = None, ask: Callable[[str], str] = input) -> int:
     """Run the chat loop; `card` replaces the sound card and `ask` the keyboard (tests)."""
-    from speechgpt_app.loaders import MissingWeightsError
-    from speechgpt_app.model import ModelLoadError
 
     if not args.mic:
         print(f"error: chat needs --mic (the only chat mode so far); {FILE_MODE_HINT}", file=sys.stderr)
@@ -308,8 +304,8 @@ def run_cli(args: argparse.Namespace, card: SoundCard | None = None, ask: Callab
         print(f"error: cannot talk through the microphone: {e}.\n{FILE_MODE_HINT}", file=sys.stderr)
         return EXIT_NO_DEVICE
     try:
-        pipeline = Pipeline.load(args.model, quant=args.quant, device=args.device)
-        options = replace(pipeline.default_options, output=args.output, seed=args.seed)
+        pipeline = load_pipeline(args)
+        options = sampling_options(args, pipeline.default_options)
     except (ValueError, OSError, MissingWeightsError, ModelLoadError) as e:
         card.close()
         print(f"error: {e}", file=sys.stderr)

@@ -362,7 +362,9 @@ def _mmap_load(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _quantization_config(quant: str, dtype: torch.dtype):
+def quantization_config(quant: str, dtype: torch.dtype):
+    """The one quantisation setting of each kind, for inference and for training's frozen QLoRA base:
+    NF4 with double quantisation (QLoRA's), computing in `dtype`; int8; torchao int4 weight-only."""
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
     if quant == "nf4":
@@ -389,7 +391,7 @@ def _load_weights(weights_dir: Path, dtype: torch.dtype, quant: str, device: tor
             weights_dir,
             dtype=dtype,
             device_map={"": str(device)},  # straight onto the device, shard by shard
-            quantization_config=_quantization_config(quant, dtype),
+            quantization_config=quantization_config(quant, dtype),
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the language model weights from {weights_dir}: {e}") from e

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,19 +31,22 @@ from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
 from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
 from speechgpt_app.generate import (
     DO_SAMPLE,
-    EOA,
     MAX_NEW_TOKENS,
     MIN_NEW_TOKENS,
     TEMPERATURE,
     TOP_K,
     TOP_P,
     GenerationStats,
+    LogitsHook,
     SamplingOptions,
     encode_continuation,
     stream_tokens,
 )
+from speechgpt_app.loaders import default_model, resolve_model
+from speechgpt_app.model import LMSpec, load_lm, quant_from_env
 from speechgpt_app.parser import ChainParser
 from speechgpt_app.prompt import (
+    EOA,
     OUTPUT_MODES,
     SOSP,
     TASKS,
@@ -56,7 +59,8 @@ from speechgpt_app.prompt import (
     build_prompt,
     user_message,
 )
-from speechgpt_app.units import units_to_text
+from speechgpt_app.units import SpeechTokenizer, units_to_text
+from speechgpt_app.vocoder import load_vocoder
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,6 @@ TEXT_MODE_STOPS = (EOA, UNITS_TAG, SOSP)  # a text-only answer ends where the sp
 
 def model_from_env() -> str:
     """The model named by `$SPEECHGPT_MODEL`, else the shipped SpeechGPT-tiny (loaders.default_model)."""
-    from speechgpt_app.loaders import default_model
-
     return os.environ.get(MODEL_ENV, "").strip() or str(default_model())
 
 
@@ -218,13 +220,15 @@ def _bundle_options(bundle_dir: Path, info: BundleInfo) -> Options:
 class Pipeline:
     """A loaded bundle (speech tokenizer, language model, vocoder) that answers turns."""
 
-    def __init__(self, bundle_dir: Path, info: BundleInfo, speech, lm, vocoder, script=None) -> None:
+    def __init__(self, bundle_dir: Path, info: BundleInfo, speech, lm, vocoder) -> None:
         self.bundle_dir = bundle_dir
         self.info = info
         self.speech = speech
         self.lm = lm
         self.vocoder = vocoder
-        self.script = script  # scripted.Script for the scripted test model, else None
+        # task -> a hook that rewrites each next token's logits (generate.LogitsHook), or None: the
+        # seam through which a test forces the answer it needs. Unset, the model alone decides.
+        self.logits_hook: Callable[[Task], LogitsHook | None] | None = None
         self.default_options = _bundle_options(bundle_dir, info)
         self.limits = limits_from_env()  # input length limits; SPEECHGPT_MAX_SECONDS raises the 20 s cap
         self._lock = threading.Lock()
@@ -244,12 +248,6 @@ class Pipeline:
         "auto" (model.resolve_precision); `device` to CUDA when available. Raises loaders.ModelNameError,
         loaders.MissingWeightsError, bundle.BundleError or model.ModelLoadError with plain messages.
         """
-        from speechgpt_app.loaders import resolve_model
-        from speechgpt_app.model import LMSpec, load_lm, quant_from_env
-        from speechgpt_app.scripted import Script
-        from speechgpt_app.units import SpeechTokenizer
-        from speechgpt_app.vocoder import load_vocoder
-
         bundle_dir = resolve_model(model if model is not None else model_from_env())
         info = read_bundle(bundle_dir)
         _bundle_options(bundle_dir, info)  # refuse bad settings before loading gigabytes
@@ -277,8 +275,7 @@ class Pipeline:
                 f"bundle {bundle_dir}: bundle.json says sample_rate {info.sample_rate} but the vocoder "
                 f"writes {vocoder.sample_rate} Hz"
             )
-        script = Script.from_dir(lm_location) if isinstance(info.lm, str) else None
-        return cls(bundle_dir, info, speech, lm, vocoder, script)
+        return cls(bundle_dir, info, speech, lm, vocoder)
 
     # --- what it is -------------------------------------------------------------------------------
 
@@ -286,7 +283,7 @@ class Pipeline:
     def description(self) -> str:
         """One short line: bundle name (Hub LM, LoRA merged or apart), numerics, device.
 
-        E.g. "scripted-test-model (LoRA merged), fp32, cpu". Local paths are left to `details`.
+        E.g. "speechgpt-tiny, fp32, cpu". Local paths are left to `details`.
         """
         parts = [self.info.lm["hub"]] if isinstance(self.info.lm, dict) else []
         if self.lm.adapter is not None:
@@ -296,10 +293,8 @@ class Pipeline:
 
     @property
     def warning(self) -> str | None:
-        """The plain warning a front end must show with the model line (the scripted test model's label)."""
-        from speechgpt_app.scripted import LABEL
-
-        return LABEL if self.script is not None else None
+        """The plain line a front end must show with the model line (bundle.json's `notice`), or None."""
+        return self.info.notice or None
 
     @property
     def details(self) -> dict[str, str | bool | None]:
@@ -448,7 +443,7 @@ class _TurnState:
     def events(self, cancel: threading.Event | None) -> Iterator[Event]:
         pipeline, options = self.pipeline, self.options
         tokenizer = pipeline.lm.tokenizer
-        hook = pipeline.script.logits_hook(tokenizer, options.task) if pipeline.script is not None else None
+        hook = pipeline.logits_hook(options.task) if pipeline.logits_hook is not None else None
         steps = stream_tokens(
             pipeline.lm.model,
             tokenizer,

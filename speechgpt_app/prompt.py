@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-from speechgpt_app.events import Notice
 from speechgpt_app.units import EOSP, SOSP, text_to_units, units_to_text
 from speechgpt_app.vocab import STAGE1_SPECIAL, STAGE2_TOKENS
 
@@ -73,6 +72,21 @@ _MARKER = re.compile("|".join(map(re.escape, [*_ADDED, HEARD_TAG, ANSWER_TAG, UN
 _UNIT_SPAN = re.compile(f"{SOSP}.*?{EOSP}", re.S)
 # An answer's speech part: "; [ua] <sosp>...<eosp>" with the spacing variants the parser accepts.
 _ANSWER_UNITS = re.compile(rf"\s*;?\s*{re.escape(UNITS_TAG)}\s*{SOSP}.*?{EOSP}", re.S)
+
+
+def without_added_tokens(text: str) -> str:
+    """`text` with every unit span and added token replaced by a space: what a base tokenizer may be
+    trained on (units and turn markers become added tokens of their own in stages 1-2)."""
+    return _ADDED_TOKEN.sub(" ", _UNIT_SPAN.sub(" ", text))
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user or researcher should know: `kind` is a stable slug, e.g. "history_trimmed"."""
+
+    kind: str
+    message: str
+    t_ms: float = field(default=0.0, compare=False)
 
 
 class PromptError(ValueError):

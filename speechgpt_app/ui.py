@@ -30,7 +30,7 @@ import torch
 
 from speechgpt_app import __version__
 from speechgpt_app.bundle import BundleError
-from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
+from speechgpt_app.events import Accumulator, Audio, Event, Notice
 from speechgpt_app.loaders import MissingWeightsError, ModelNameError
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.pipeline import Options, Pipeline, Timings
@@ -97,37 +97,20 @@ class Session:
 
 
 @dataclass
-class LiveTurn:
-    """The live panels of the turn being generated, updated event by event."""
+class LiveTurn(Accumulator):
+    """The live panels of the turn being generated: the one accumulator, with the turn's timings."""
 
-    heard: str = ""
-    answer: str = ""
-    units: list[int] = field(default_factory=list)
-    chunks: list[np.ndarray] = field(default_factory=list)
-    sample_rate: int | None = None
-    notices: list[str] = field(default_factory=list)
-    end: End | None = None
     timings: Timings = field(default_factory=Timings)
 
     def apply(self, event: Event) -> np.ndarray | None:
         """Fold one event into the panels; return the int16 audio chunk to stream, if any."""
         self.timings.observe(event)
-        if isinstance(event, Heard):
-            self.heard += event.text
-        elif isinstance(event, Answer):
-            self.answer += event.text
-        elif isinstance(event, Units):
-            self.units.extend(event.ids)
-        elif isinstance(event, Audio):
-            self.sample_rate = event.sample_rate
-            chunk = to_int16(event.pcm)
-            self.chunks.append(chunk)
-            return chunk
-        elif isinstance(event, Notice):
-            self.notices.append(event.message)
-        elif isinstance(event, End):
-            self.end = event
-        return None
+        self.add(event)
+        return to_int16(event.pcm) if isinstance(event, Audio) else None
+
+    def audio_int16(self) -> np.ndarray:
+        """All answer audio so far at the one fixed int16 scale."""
+        return to_int16(self.audio())
 
 
 def to_int16(pcm: np.ndarray) -> np.ndarray:
@@ -341,7 +324,7 @@ class ChatApp:
         answer_audio = None
         if live.chunks and live.sample_rate:
             answer_audio = str(self._new_file(session_id, "answer", ".wav"))
-            sf.write(answer_audio, np.concatenate(live.chunks), live.sample_rate, subtype="PCM_16")
+            sf.write(answer_audio, live.audio_int16(), live.sample_rate, subtype="PCM_16")
         end = live.end
         return TurnRecord(
             task=options.task,
@@ -353,7 +336,7 @@ class ChatApp:
             answer_audio=answer_audio,
             reason=end.reason if end else "error",
             problems=list(end.problems) if end else ["the turn ended without an End event"],
-            notices=list(live.notices),
+            notices=[n.message for n in live.notices],
             timings=live.timings.as_dict(),
             settings=dataclasses.asdict(options),
             context=[dataclasses.asdict(t) for t in history],
@@ -454,29 +437,21 @@ def _blank_panels(player: Any) -> tuple[Any, ...]:
     return ("", "", units_summary([]), "", player, "")
 
 
-def build_ui(
-    pipeline: Pipeline | None,
-    *,
-    label: str | None = None,
-    unavailable: str | None = None,
-    examples: Sequence[Path] = (),
-    gpu: Callable[[Callable], Callable] | None = None,
-) -> gr.Blocks:
-    """The voice chat page for `pipeline`.
+class Handlers:
+    """What each button and input does: `ChatApp`'s turns, checked and laid out for the page's outputs.
 
-    `label` is a plain line shown under the model line (e.g. that it runs a scripted test model);
-    `unavailable` explains why there is no pipeline (every turn then says so); `examples` are
-    bundled recordings offered as cached examples; `gpu` wraps the handlers that run the model
-    (the `spaces.GPU` decorator on ZeroGPU, nothing elsewhere).
+    `send`, `send_if_auto`, `regenerate` and `example_turn` run the model, so they come wrapped in
+    `on_gpu` (the `spaces.GPU` decorator on ZeroGPU).
     """
-    on_gpu = gpu or (lambda fn: fn)
-    app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
-    description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
-    details = pipeline.public_details if pipeline is not None else {}  # no local paths on a public page
-    defaults = pipeline.default_options if pipeline is not None else Options()
-    max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
 
-    def run_and_record(
+    def __init__(self, app: ChatApp, defaults: Options, description: str, details: dict, on_gpu: Callable) -> None:
+        self.app, self.defaults, self.description, self.details = app, defaults, description, details
+        self.send = on_gpu(self._send)
+        self.regenerate = on_gpu(self._regenerate)
+        self.example_turn = on_gpu(self._example_turn)
+
+    def _run_and_record(
+        self,
         request: gr.Request | None,
         *,
         audio: str | None,
@@ -485,6 +460,7 @@ def build_ui(
         options: Options,
         keep: list[TurnRecord],
     ) -> Iterator[tuple[Any, ...]]:
+        app = self.app
         # Clear the panels first so a new turn never shows the last one's text. The player is
         # cleared by a property update: a plain None would open an empty audio stream.
         started = time.monotonic()
@@ -502,8 +478,8 @@ def build_ui(
         # The question is now in the conversation: empty the inputs for the next one.
         yield (*_panels(live, None), chat_messages(new.records), new, None, "")
 
-    @on_gpu
-    def send(
+    def _send(
+        self,
         audio: str | None,
         text: str | None,
         task: str,
@@ -516,25 +492,18 @@ def build_ui(
         session: Session,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
-        if app.dequeued(request):
+        if self.app.dequeued(request):
             raise gr.Error(STOPPED_WAITING, title="Stopped")
         text = text if text and text.strip() else None
-        if audio is None and text is None:
-            raise gr.Error("Record or upload a question, or type one, then press Send.", title="No question")
-        if audio is not None and text is not None:
-            raise gr.Error("Give either a recording or typed text, not both: clear one of them.")
-        # Said in the page's words (the pipeline would say "speech units").
-        if task == "Transcribe only" and audio is None:
-            raise gr.Error("Transcribe only works on a recording: record or upload one.", title="No recording")
-        if task == "Speak this text" and text is None:
-            raise gr.Error("Speak this text needs typed text: type what it should say.", title="No text")
-        options = app.options(task, temperature, top_p, top_k, max_new_tokens, seed, output_mode)
-        yield from run_and_record(
+        _check_question(audio, text, task)
+        options = self.app.options(task, temperature, top_p, top_k, max_new_tokens, seed, output_mode)
+        yield from self._run_and_record(
             request, audio=audio, text=text,
             history=session.history(), options=options, keep=session.records,
         )  # fmt: skip
 
     def send_if_auto(
+        self,
         auto: bool,
         audio: str | None,
         text: str | None,
@@ -548,17 +517,17 @@ def build_ui(
         session: Session,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
-        # End of speech is the user stopping the recording; sending then is optional.
+        """End of speech is the user stopping the recording; sending then is optional."""
         if not auto or audio is None:
-            app.dequeued(request)  # nothing to send: a Stop meant for this event is spent
+            self.app.dequeued(request)  # nothing to send: a Stop meant for this event is spent
             yield tuple(gr.skip() for _ in range(10))
             return
-        yield from send(
+        yield from self.send(
             audio, text, task, temperature, top_p, top_k, max_new_tokens, seed, output_mode, session, request
         )
 
-    @on_gpu
-    def regenerate(
+    def _regenerate(
+        self,
         corrected: str,
         temperature: float,
         top_p: float,
@@ -569,137 +538,211 @@ def build_ui(
         session: Session,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
-        if app.dequeued(request):
+        if self.app.dequeued(request):
             raise gr.Error(STOPPED_WAITING, title="Stopped")
-        if not session.records:
-            raise gr.Error("There is no answer to regenerate yet: send a question first.")
-        last = session.records[-1]
-        if last.task != "chat":
-            raise gr.Error("Only a chat answer can be regenerated from a corrected transcript.")
-        if last.user_audio is None:
-            # A typed question has no transcript to correct: the heard box is not what was asked.
-            raise gr.Error("The last question was typed, not spoken: edit it and send it again instead.")
-        corrected = (corrected or "").strip()
-        if not corrected:
-            raise gr.Error("The transcript is empty: type what you said, then regenerate.")
-        try:
-            # Checked by prompt.py: markers such as `[ta]` or `<eoa>` would be forced into the answer.
-            prefix = assistant_prefix_for(last.task, corrected)  # type: ignore[arg-type]  # "chat"
-        except PromptError as exc:
-            raise gr.Error(f"Check the corrected transcript: {exc}.", title="Can't regenerate") from exc
+        last, prefix = _regeneration(session, corrected)
         keep = session.records[:-1]
-        history = Session(records=keep).history()
         # The corrected transcript is forced as the start of the answer; the question's units stay.
-        options = app.options(
+        options = self.app.options(
             "Chat", temperature, top_p, top_k, max_new_tokens, seed, output_mode, assistant_prefix=prefix
         )
-        yield from run_and_record(
+        yield from self._run_and_record(
             request, audio=last.user_audio, text=last.user_text,
-            history=history, options=options, keep=keep,
+            history=Session(records=keep).history(), options=options, keep=keep,
         )  # fmt: skip
 
-    @on_gpu
-    def example_turn(audio: str) -> tuple[Any, ...]:
+    def _example_turn(self, audio: str) -> tuple[Any, ...]:
         # Cached once, then shown whole: no streaming (Gradio caches a function's final value).
-        updates = app.run_turn(None, audio=audio, text=None, history=(), options=defaults)
+        updates = self.app.run_turn(None, audio=audio, text=None, history=(), options=self.defaults)
         live = collections.deque(updates, maxlen=1)[0][0]  # the same LiveTurn, after the last event
         heard_text, answer_text, count, unit_string, _, timing = _panels(live, None)
-        speech = (live.sample_rate, np.concatenate(live.chunks)) if live.chunks else None
+        speech = (live.sample_rate, live.audio_int16()) if live.chunks else None
         return heard_text, answer_text, count, unit_string, speech, timing
 
-    def clear(request: gr.Request) -> tuple[Any, ...]:
-        app.clear(request)
+    def clear(self, request: gr.Request) -> tuple[Any, ...]:
+        """Empty this session's panels, conversation and inputs (stopping its turn)."""
+        self.app.clear(request)
         return (*_blank_panels(None), [], Session(), None, "", gr.File(None, visible=False))
 
-    def export(session: Session, request: gr.Request) -> str:
-        return app.export(session, _session_id(request), description, details)
+    def export(self, session: Session, request: gr.Request) -> str:
+        """This session's conversation as a JSON file."""
+        return self.app.export(session, _session_id(request), self.description, self.details)
 
+
+def _check_question(audio: str | None, text: str | None, task: str) -> None:
+    """Refuse, in the page's words, a question the task cannot take (the pipeline says "speech units")."""
+    if audio is None and text is None:
+        raise gr.Error("Record or upload a question, or type one, then press Send.", title="No question")
+    if audio is not None and text is not None:
+        raise gr.Error("Give either a recording or typed text, not both: clear one of them.")
+    if task == "Transcribe only" and audio is None:
+        raise gr.Error("Transcribe only works on a recording: record or upload one.", title="No recording")
+    if task == "Speak this text" and text is None:
+        raise gr.Error("Speak this text needs typed text: type what it should say.", title="No text")
+
+
+def _regeneration(session: Session, corrected: str) -> tuple[TurnRecord, str]:
+    """The turn to answer again and its forced prefix, or a plain refusal."""
+    if not session.records:
+        raise gr.Error("There is no answer to regenerate yet: send a question first.")
+    last = session.records[-1]
+    if last.task != "chat":
+        raise gr.Error("Only a chat answer can be regenerated from a corrected transcript.")
+    if last.user_audio is None:
+        # A typed question has no transcript to correct: the heard box is not what was asked.
+        raise gr.Error("The last question was typed, not spoken: edit it and send it again instead.")
+    corrected = (corrected or "").strip()
+    if not corrected:
+        raise gr.Error("The transcript is empty: type what you said, then regenerate.")
+    try:
+        # Checked by prompt.py: markers such as `[ta]` or `<eoa>` would be forced into the answer.
+        return last, assistant_prefix_for(last.task, corrected)  # type: ignore[arg-type]  # "chat"
+    except PromptError as exc:
+        raise gr.Error(f"Check the corrected transcript: {exc}.", title="Can't regenerate") from exc
+
+
+@dataclass
+class Page:
+    """The page's components that the handlers read and write."""
+
+    session: Any
+    inputs_column: Any
+    audio_in: Any
+    text_in: Any
+    task: Any
+    send_btn: Any
+    stop_btn: Any
+    clear_btn: Any
+    auto_send: Any
+    heard: Any
+    regen_btn: Any
+    answer: Any
+    units_count: Any
+    units_text: Any
+    speech: Any
+    timings: Any
+    chatbot: Any
+    export_btn: Any
+    export_file: Any
+    settings: list[Any]  # temperature, top-p, top-k, max new tokens, seed, output mode
+
+    @property
+    def panels(self) -> list[Any]:
+        """The live panels, in `_panels`' order."""
+        return [self.heard, self.answer, self.units_count, self.units_text, self.speech, self.timings]
+
+    @property
+    def turn_outputs(self) -> list[Any]:
+        """What a turn updates: the panels, the conversation, the session and the inputs."""
+        return [*self.panels, self.chatbot, self.session, self.audio_in, self.text_in]
+
+
+def _layout(model_md: str, defaults: Options, max_tokens: int, model_info: str, info_lines: int) -> Page:
+    """The components, inside the open gr.Blocks: inputs left, live panels right, then the
+    conversation and the settings."""
+    session = gr.State(Session())
+    gr.Markdown("# SpeechGPT voice chat\nAsk by voice or text; it answers in text and speech.")
+    gr.Markdown(model_md, elem_id="model-line")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320) as inputs_column:
+            audio_in = gr.Audio(
+                sources=["microphone", "upload"], type="filepath", label="Your question (speak or upload)",
+                elem_id="audio-in",
+            )  # fmt: skip
+            text_in = gr.Textbox(label="…or type it", lines=2, elem_id="text-in")
+            task = gr.Radio(list(TASKS), value="Chat", label="Task", elem_id="task")
+            with gr.Row():
+                send_btn = gr.Button("Send", variant="primary", elem_id="send")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                clear_btn = gr.Button("Clear", elem_id="clear")
+            auto_send = gr.Checkbox(True, label="Send when I stop recording", elem_id="auto-send")
+        with gr.Column(scale=3, min_width=360):
+            heard = gr.Textbox(
+                label="Heard (edit it, then regenerate, if the model misheard)", lines=2,
+                interactive=True, elem_id="heard",
+            )  # fmt: skip
+            regen_btn = gr.Button("Regenerate answer from this transcript", size="sm", elem_id="regen")
+            answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
+            units_count = gr.Markdown(units_summary([]), elem_id="units-count")
+            with gr.Accordion("Speech units (the answer as the model wrote it)", open=False):
+                units_text = gr.Textbox(show_label=False, lines=3, max_lines=8, interactive=False, elem_id="units-text")
+            speech = gr.Audio(
+                label="Answer speech", streaming=True, autoplay=True, interactive=False,
+                buttons=["download"], elem_id="speech",
+            )  # fmt: skip
+            timings = gr.Markdown("", elem_id="timings")
+    chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="conversation")
+    with gr.Row():
+        export_btn = gr.Button("Export conversation (JSON)", size="sm", elem_id="export")
+        export_file = gr.File(label="Conversation JSON", interactive=False, visible=False, elem_id="export-file")
+    with gr.Accordion("Settings", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top-k (0: off)")
+        with gr.Row():
+            max_new = gr.Slider(16, max_tokens, min(defaults.max_new_tokens, max_tokens), step=1, label="Max new tokens")
+            seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed (empty: random)")
+            output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
+        gr.Textbox(model_info, label="Model", lines=info_lines, interactive=False, elem_id="model-info")
+    return Page(
+        session, inputs_column, audio_in, text_in, task, send_btn, stop_btn, clear_btn, auto_send, heard,
+        regen_btn, answer, units_count, units_text, speech, timings, chatbot, export_btn, export_file,
+        [temperature, top_p, top_k, max_new, seed, output_mode],
+    )  # fmt: skip
+
+
+def _wire(page: Page, h: Handlers, app: ChatApp, examples: Sequence[Path]) -> None:
+    """Connect the components to the handlers, inside the open gr.Blocks."""
+    if examples:
+        with page.inputs_column:  # under the inputs; built here because it needs the output panels
+            gr.Examples(
+                examples=[[str(p)] for p in examples], inputs=[page.audio_in], outputs=page.panels,
+                fn=h.example_turn, cache_examples=True, cache_mode="lazy", label="Example recordings (answers cached)",
+            )  # fmt: skip
+    send_inputs = [page.audio_in, page.text_in, page.task, *page.settings, page.session]
+    outputs = page.turn_outputs
+    page.send_btn.click(h.send, send_inputs, outputs, api_name="send")
+    page.text_in.submit(h.send, send_inputs, outputs, api_visibility="private")
+    page.audio_in.stop_recording(h.send_if_auto, [page.auto_send, *send_inputs], outputs, api_visibility="private")
+    page.regen_btn.click(h.regenerate, [page.heard, *page.settings, page.session], outputs, api_name="regenerate")
+    # Stop and Clear skip the queue: they must act while a turn holds the only worker.
+    page.stop_btn.click(app.stop, None, None, queue=False, api_name="stop")
+    page.clear_btn.click(h.clear, None, [*outputs, page.export_file], queue=False, api_name="clear")
+    # The file box stays hidden until it has something in it (a second step keeps the API's
+    # /export returning a plain file).
+    page.export_btn.click(h.export, [page.session], [page.export_file], api_name="export").success(
+        lambda: gr.File(visible=True), None, page.export_file, api_visibility="private"
+    )
+
+
+def build_ui(
+    pipeline: Pipeline | None,
+    *,
+    label: str | None = None,
+    unavailable: str | None = None,
+    examples: Sequence[Path] = (),
+    gpu: Callable[[Callable], Callable] | None = None,
+) -> gr.Blocks:
+    """The voice chat page for `pipeline`.
+
+    `label` is a plain line shown under the model line (the bundle's notice: what the model cannot
+    do); `unavailable` explains why there is no pipeline (every turn then says so); `examples` are
+    bundled recordings offered as cached examples; `gpu` wraps the handlers that run the model
+    (the `spaces.GPU` decorator on ZeroGPU, nothing elsewhere).
+    """
+    app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
+    description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
+    details = pipeline.public_details if pipeline is not None else {}  # no local paths on a public page
+    defaults = pipeline.default_options if pipeline is not None else Options()
+    max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
+    handlers = Handlers(app, defaults, description, details, gpu or (lambda fn: fn))
+    model_md = f"**Model:** {description}" + (f"  \n⚠️ **{label}**" if label else "")
+    model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description
     # Gradio's own copies of uploads and answers: hourly, drop those older than a day.
     with gr.Blocks(title="SpeechGPT voice chat", delete_cache=(3600, 86400)) as demo:
-        session = gr.State(Session())
-        gr.Markdown("# SpeechGPT voice chat\nAsk by voice or text; it answers in text and speech.")
-        model_md = f"**Model:** {description}"
-        if label:
-            model_md += f"  \n⚠️ **{label}**"
-        gr.Markdown(model_md, elem_id="model-line")
-
-        with gr.Row():
-            with gr.Column(scale=2, min_width=320) as inputs_column:
-                audio_in = gr.Audio(
-                    sources=["microphone", "upload"], type="filepath", label="Your question (speak or upload)",
-                    elem_id="audio-in",
-                )  # fmt: skip
-                text_in = gr.Textbox(label="…or type it", lines=2, elem_id="text-in")
-                task = gr.Radio(list(TASKS), value="Chat", label="Task", elem_id="task")
-                with gr.Row():
-                    send_btn = gr.Button("Send", variant="primary", elem_id="send")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    clear_btn = gr.Button("Clear", elem_id="clear")
-                auto_send = gr.Checkbox(True, label="Send when I stop recording", elem_id="auto-send")
-            with gr.Column(scale=3, min_width=360):
-                heard = gr.Textbox(
-                    label="Heard (edit it, then regenerate, if the model misheard)", lines=2,
-                    interactive=True, elem_id="heard",
-                )  # fmt: skip
-                regen_btn = gr.Button("Regenerate answer from this transcript", size="sm", elem_id="regen")
-                answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
-                units_count = gr.Markdown(units_summary([]), elem_id="units-count")
-                with gr.Accordion("Speech units (the answer as the model wrote it)", open=False):
-                    units_text = gr.Textbox(
-                        show_label=False, lines=3, max_lines=8, interactive=False, elem_id="units-text"
-                    )
-                speech = gr.Audio(
-                    label="Answer speech", streaming=True, autoplay=True, interactive=False,
-                    buttons=["download"], elem_id="speech",
-                )  # fmt: skip
-                timings = gr.Markdown("", elem_id="timings")
-
-        chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="conversation")
-        with gr.Row():
-            export_btn = gr.Button("Export conversation (JSON)", size="sm", elem_id="export")
-            export_file = gr.File(label="Conversation JSON", interactive=False, visible=False, elem_id="export-file")
-
-        with gr.Accordion("Settings", open=False):
-            with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p")
-                top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top-k (0: off)")
-            with gr.Row():
-                max_new = gr.Slider(
-                    16, max_tokens, min(defaults.max_new_tokens, max_tokens), step=1, label="Max new tokens"
-                )
-                seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed (empty: random)")
-                output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
-            model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description
-            gr.Textbox(
-                model_info, label="Model", lines=max(1, len(details)), interactive=False,
-                elem_id="model-info",
-            )  # fmt: skip
-
-        panels = [heard, answer, units_count, units_text, speech, timings]
-        turn_outputs = [*panels, chatbot, session, audio_in, text_in]
-        settings = [temperature, top_p, top_k, max_new, seed, output_mode]
-
-        if examples:
-            with inputs_column:  # under the inputs; built here because it needs the output panels
-                gr.Examples(
-                    examples=[[str(p)] for p in examples], inputs=[audio_in], outputs=panels, fn=example_turn,
-                    cache_examples=True, cache_mode="lazy", label="Example recordings (answers cached)",
-                )  # fmt: skip
-
-        send_inputs = [audio_in, text_in, task, *settings, session]
-        send_btn.click(send, send_inputs, turn_outputs, api_name="send")
-        text_in.submit(send, send_inputs, turn_outputs, api_visibility="private")
-        audio_in.stop_recording(send_if_auto, [auto_send, *send_inputs], turn_outputs, api_visibility="private")
-        regen_btn.click(regenerate, [heard, *settings, session], turn_outputs, api_name="regenerate")
-        # Stop and Clear skip the queue: they must act while a turn holds the only worker.
-        stop_btn.click(app.stop, None, None, queue=False, api_name="stop")
-        clear_btn.click(clear, None, [*turn_outputs, export_file], queue=False, api_name="clear")
-        # The file box stays hidden until it has something in it (a second step keeps the API's
-        # /export returning a plain file).
-        export_btn.click(export, [session], [export_file], api_name="export").success(
-            lambda: gr.File(visible=True), None, export_file, api_visibility="private"
-        )
+        page = _layout(model_md, defaults, max_tokens, model_info, max(1, len(details)))
+        _wire(page, handlers, app, examples)
         demo.unload(app.forget)
-    app.queued_turns = waiting_in_queue(demo, (send, send_if_auto, regenerate))
+    app.queued_turns = waiting_in_queue(demo, (handlers.send, handlers.send_if_auto, handlers.regenerate))
     return demo

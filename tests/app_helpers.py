@@ -1,32 +1,52 @@
-"""Helpers shared by the app's tests: one scripted bundle per test session, and the real app.py serving it."""
+"""Helpers shared by the app's tests: the shipped SpeechGPT-tiny, questions it is known to answer,
+and the real app.py serving it."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from speechgpt_app.scripted import make_scripted_bundle
+from speechgpt_app.loaders import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
-
-# What the scripted model says, whatever it is asked.
-HEARD = "unless a system is established"
-ANSWER = "A review keeps the system honest."
-UNITS = [(11 * i + 5) % 50 for i in range(60)]
+TINY = DEFAULT_MODEL  # the app's default model, trained by training/mini and shipped in assets/
+EVAL_SUBSET = REPO / "tests" / "data" / "eval-subset"  # the CI evaluation's questions, their audio in the repo
+GREEDY = {"temperature": 0.0}  # the page's settings for greedy decoding (SamplingOptions.greedy)
 
 
-def scripted_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The scripted bundle, built on first use in this test session and shared after."""
-    out = tmp_path_factory.getbasetemp() / "scripted-app-bundle"
-    if not (out / "bundle.json").is_file():
-        make_scripted_bundle(out, HEARD, ANSWER, UNITS)
-    return out
+@dataclass(frozen=True)
+class Question:
+    """A held-out spoken question of SpeechGPT-tiny's domain, with the domain's own answer."""
+
+    audio: Path
+    text: str
+    answer: str
+    key: str
+
+
+@functools.cache
+def known_questions() -> tuple[Question, ...]:
+    """CI-subset questions that the shipped model's eval.json records as heard exactly and answered
+    exactly, in text and in speech (greedy). The tests then check the app gives the domain's answer
+    to them: content the model was never shown, not a recording of its own output."""
+    rows = [json.loads(line) for line in (EVAL_SUBSET / "ci-subset.jsonl").read_text().splitlines() if line]
+    by_name = {Path(r["audio"]).name: r for r in rows}
+    found = []
+    for item in json.loads((TINY / "eval.json").read_text())["items"]:
+        row = by_name.get(Path(item["audio"]).name)
+        if row and item["heard"] == row["text"] and item["answer_s2t"] == item.get("answer_s2s") == row["answer"]:
+            found.append(Question(EVAL_SUBSET / row["audio"], row["text"], row["answer"], row["key"]))
+    assert len(found) >= 2, "the shipped model answers fewer than 2 CI-subset questions right"
+    return tuple(found)
 
 
 def load_app_module() -> ModuleType:

@@ -24,11 +24,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import scripted
 import torch
+from scripted import SP_VOCAB_SIZE
 
-from speechgpt_app import scripted
 from speechgpt_app.prompt import SYSTEM_PROMPT
-from speechgpt_app.scripted import SP_VOCAB_SIZE
 from speechgpt_app.vocab import added_tokens, extend_tokenizer, load_tokenizer, train_sentencepiece
 
 # The scripted model's shapes: small enough to build and run in well under a second on one CPU core.

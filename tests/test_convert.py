@@ -389,13 +389,13 @@ def test_cli_without_files_uses_the_cache(released: dict[str, Path], tmp_path: P
     def no_second_conversion(*a: object, **k: object) -> None:
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("speechgpt_app.convert.write_speech_dir", no_second_conversion)
+    monkeypatch.setattr("speechgpt_app.loaders.write_speech_dir", no_second_conversion)
     assert cli.main(["convert"]) == 0
     assert Path(capsys.readouterr().out.strip()) == speech
 
 
 def test_configure_parser_lists_the_file_options() -> None:
-    from speechgpt_app.convert import configure_parser
+    from speechgpt_app.loaders import configure_parser  # the convert command (it may download)
 
     p = argparse.ArgumentParser()
     configure_parser(p)

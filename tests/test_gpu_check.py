@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from speechgpt_app.loaders import default_model
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "gpu_check.py"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,14 +96,14 @@ def test_attempt_tells_missing_from_error() -> None:
     assert gpu_check.combine(a=error, b=missing)["status"] == "error"
 
 
-def test_spoken_turn_nf4_and_unquantised(tmp_path: Path) -> None:
-    bundle = gpu_check.scripted_bundle(tmp_path / "bundle")
+def test_spoken_turn_nf4_and_unquantised() -> None:
+    bundle = default_model()  # the shipped SpeechGPT-tiny
     for quant in ("nf4", "none"):
         result = gpu_check.spoken_turn(bundle, DEVICE, quant)
         assert ("NF4" in result["description"]) == (quant == "nf4")
         for turn in ("cold", "warm1"):
             t = result[turn]
-            assert t["end"] in ("eoa", "eos")
+            assert t["end"] in ("eoa", "eos") and isinstance(t["heard_right"], bool) and t["heard"]
             assert 0 < t["time_to_transcript_ms"] <= t["time_to_first_audio_ms"] <= t["total_ms"]
             assert t["tokens_per_second"] > 0 and t["real_time_factor"] > 0 and t["audio_seconds"] > 0
         assert (result["peak_cuda_gib"] is None) == (DEVICE == "cpu")
@@ -118,9 +120,8 @@ def test_qlora_step_through_the_tiny_chain(tmp_path: Path, restore_process_state
 
 
 def test_speech_bench_at_tiny_sizes() -> None:
+    from scripted import TINY_VOCODER
     from transformers import HubertConfig
-
-    from speechgpt_app.scripted import TINY_VOCODER
 
     hubert = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           conv_dim=(32,) * 7, num_conv_pos_embedding_groups=4)  # fmt: skip

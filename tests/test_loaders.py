@@ -208,7 +208,7 @@ def test_released_speech_dir_downloads_then_converts_once(server: FileServer, on
         (out / "speech.json").write_text("{}")
         return out
 
-    monkeypatch.setattr("speechgpt_app.convert.write_speech_dir", fake_convert)
+    monkeypatch.setattr("speechgpt_app.loaders.write_speech_dir", fake_convert)
     out = ensure_released_speech_dir(progress=False)
     assert out == online / "speechgpt-7b" / "speech"
     assert calls[0]["hubert_pt"].read_bytes() == b"mhubert" * 1000

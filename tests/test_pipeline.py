@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from scripted import LABEL, load_scripted, make_scripted_bundle
 
 from speechgpt_app.audio import AudioError
 from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
@@ -20,7 +21,6 @@ from speechgpt_app.model import ModelLoadError
 from speechgpt_app.parser import coalesce
 from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
 from speechgpt_app.prompt import PromptError, assistant_prefix_for, format_exchange
-from speechgpt_app.scripted import LABEL, make_scripted_bundle
 
 HEARD = "unless a system is established"
 ANSWER = "Yes, a formal review."
@@ -35,14 +35,14 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipeline(bundle):
-    return Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+    return load_scripted(bundle, quant="none", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="session")
 def text_first_pipeline(tmp_path_factory):
     """A scripted model that stops after its text answer (the units come only if forced)."""
     out = tmp_path_factory.mktemp("scripted") / "text-first"
-    return Pipeline.load(make_scripted_bundle(out, HEARD, ANSWER, UNITS, stop_after_text=True), quant="none", device="cpu", precision="fp32")
+    return load_scripted(make_scripted_bundle(out, HEARD, ANSWER, UNITS, stop_after_text=True), quant="none", device="cpu", precision="fp32")
 
 
 def parsed(events):
@@ -100,7 +100,7 @@ def test_sampling_settings_do_not_change_a_scripted_answer(pipeline, lj_wav, tmp
 
 @pytest.mark.parametrize(("quant", "merge"), [("nf4", True), ("none", False), ("none", True)])
 def test_quantised_and_adapter_variants(bundle, lj_wav, tmp_path, quant, merge):
-    variant = Pipeline.load(bundle, quant=quant, device="cpu", precision="fp32", merge_adapter=merge)
+    variant = load_scripted(bundle, quant=quant, device="cpu", precision="fp32", merge_adapter=merge)
     kept_apart = type(variant.lm.model).__name__.startswith("Peft")
     assert kept_apart == (quant != "none" or not merge)
     assert ("NF4" in variant.description) == (quant == "nf4")
@@ -256,21 +256,20 @@ def test_load_from_env_and_vocabulary_mismatch(bundle, tmp_path, monkeypatch):
         Pipeline.load(mixed, quant="none", device="cpu", precision="fp32")
 
 
-class _FailingScript:
-    """Stands in for the script: its hook fails on the fifth token, as a device error would."""
+def _failing_hook(task):
+    """A logits hook that fails on the fifth token, as a device error would."""
 
-    def logits_hook(self, tokenizer, task):
-        def hook(ids, logits):
-            if len(ids) == 5:
-                raise RuntimeError("device lost")
-            return logits
+    def hook(ids, logits):
+        if len(ids) == 5:
+            raise RuntimeError("device lost")
+        return logits
 
-        return hook
+    return hook
 
 
 def test_error_during_generation_ends_the_turn_and_frees_the_pipeline(pipeline, lj_wav, monkeypatch, caplog):
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "script", _FailingScript())
+        m.setattr(pipeline, "logits_hook", _failing_hook)
         events = list(pipeline.respond(audio=lj_wav))
     end = events[-1]
     assert end.reason == "error" and "device lost" in end.problems[0] and end.turn is None
@@ -340,3 +339,15 @@ def test_runtime_needs_neither_fairseq_nor_torchaudio(pipeline, jfk_flac, monkey
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails
     events = list(pipeline.respond(audio=jfk_flac))
     assert events[-1].reason == "eoa" and any(isinstance(e, Audio) for e in events)
+
+
+def test_the_core_knows_no_scripted_model(bundle, lj_wav):
+    # The scripted model lives with the tests: the package neither imports it nor reads its script.json.
+    package = Path(__file__).resolve().parents[1] / "speechgpt_app"
+    for source in package.glob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        assert "import scripted" not in text and "script.json" not in text and "speechgpt_app.scripted" not in text, source
+    plain = Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+    assert plain.logits_hook is None
+    events = list(plain.respond(audio=lj_wav, options=Options(output="text", max_new_tokens=30, do_sample=False)))
+    assert events[-1].turn is None or events[-1].turn.heard != HEARD  # unforced, the random model says other words

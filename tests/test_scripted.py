@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripted import LABEL, Script, _after, load_scripted, make_scripted_bundle
 
 from speechgpt_app.audio import load_audio
 from speechgpt_app.bundle import read_bundle
@@ -15,7 +16,6 @@ from speechgpt_app.events import Answer, End, Heard, Units
 from speechgpt_app.generate import SamplingOptions, decode, stream_tokens
 from speechgpt_app.parser import parse
 from speechgpt_app.prompt import format_prompt
-from speechgpt_app.scripted import LABEL, Script, _after, make_scripted_bundle
 from speechgpt_app.units import SpeechTokenizer
 from speechgpt_app.vocab import check_vocabulary, load_tokenizer
 from speechgpt_app.vocoder import Vocoder
@@ -107,11 +107,11 @@ def test_refuses_bad_scripts(tmp_path):
 
 
 def test_bundle_without_adapter_loads_and_answers(tmp_path, lj_wav):
-    from speechgpt_app.pipeline import Options, Pipeline
+    from speechgpt_app.pipeline import Options
 
     bundle = make_scripted_bundle(tmp_path / "plain", HEARD, ANSWER, UNITS, n_units=20, with_adapter=False)
     assert read_bundle(bundle).adapter is None and not (bundle / "adapter").exists()
-    pipeline = Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
+    pipeline = load_scripted(bundle, quant="none", device="cpu", precision="fp32")
     assert "LoRA" not in pipeline.description
     events = list(pipeline.respond(audio=lj_wav, options=Options(output="text")))
     assert [type(e) for e in events if isinstance(e, (Heard, Answer))][:1] == [Heard]

@@ -1,7 +1,9 @@
-"""The voice chat app, driven over HTTP with gradio_client: the real app.py on the scripted bundle.
+"""The voice chat app, driven over HTTP with gradio_client: the real app.py on the shipped SpeechGPT-tiny.
 
 One app serves every test in this module (launched in-process on a free loopback port); each test
-opens its own client, which is its own browser session with its own conversation.
+opens its own client, which is its own browser session with its own conversation. Turns decode
+greedily, so a held-out question the model is known to answer (app_helpers.known_questions) must get
+the domain's answer here too.
 """
 
 from __future__ import annotations
@@ -17,26 +19,32 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from app_helpers import ANSWER, HEARD, UNITS, free_port, load_app_module, running_app, scripted_bundle
+from app_helpers import GREEDY, REPO, TINY, free_port, known_questions, load_app_module, running_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from speechgpt_app.scripted import LABEL
-from speechgpt_app.units import units_to_text
+from speechgpt_app.units import text_to_units
 
-CORRECTED = "unless a system is established for review"
+CORRECTED = "what is two plus three"  # a training question, typed as a corrected transcript
+CORRECTED_KEY = "five"
 
 # Output positions of /send and /regenerate (ui.build_ui: panels, conversation, state, inputs).
 HEARD_OUT, ANSWER_OUT, COUNT_OUT, UNITS_OUT, SPEECH_OUT, TIMINGS_OUT, CHAT_OUT = range(7)
-SETTINGS = dict(temperature=0.7, top_p=0.8, top_k=50, max_new_tokens=512, seed=0, output="Speech + text")
-SILENCE_RMS = 1e-3  # float samples: far below the scripted vocoder's output, far above decoder noise
+SETTINGS = dict(top_p=0.8, top_k=50, max_new_tokens=320, seed=0, output="Speech + text", **GREEDY)
+SILENCE_RMS = 1e-3  # float samples: far below the vocoder's speech, far above decoder noise
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real app on the scripted bundle; yields its URL."""
-    with running_app(scripted_bundle(tmp_path_factory), tmp_path_factory.mktemp("hf_home")) as url:
+    """The real app on SpeechGPT-tiny; yields its URL."""
+    with running_app(TINY, tmp_path_factory.mktemp("hf_home")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def question():
+    """A held-out spoken question the model answers right (its audio, text and the domain's answer)."""
+    return known_questions()[0]
 
 
 def client(url: str) -> Client:
@@ -86,9 +94,9 @@ def export(c: Client) -> dict:
     return json.loads(httpx.get(f["url"]).text)
 
 
-def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_wav: Path) -> None:
+def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, question) -> None:
     c = client(server)
-    updates = send(c, audio=str(lj_wav))
+    updates = send(c, audio=str(question.audio))
 
     # The chain of modality fills in order: what was heard, then the answer, then speech.
     heard_at = first(updates, HEARD_OUT, bool)
@@ -96,10 +104,10 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     audio_at = first(updates, SPEECH_OUT, is_stream)
     assert heard_at < answer_at < audio_at < len(updates) - 1  # audio streams before the turn ends
     final = updates[-1]
-    assert final[HEARD_OUT] == HEARD
-    assert final[ANSWER_OUT] == ANSWER
-    assert final[UNITS_OUT] == units_to_text(UNITS)
-    assert f"**{len(UNITS)}**" in final[COUNT_OUT]
+    assert final[HEARD_OUT] == question.text
+    assert final[ANSWER_OUT] == question.answer
+    units = text_to_units(final[UNITS_OUT])
+    assert len(units) > 5 and f"**{len(units)}**" in final[COUNT_OUT]
     assert "time to first audio" in final[TIMINGS_OUT] and "–" not in final[TIMINGS_OUT].split("·")[1]
 
     # The streamed answer speech decodes to real (not silent) audio.
@@ -111,8 +119,8 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
     chat = final[CHAT_OUT]
     assert [m["role"] for m in chat] == ["user", "assistant"]
     user_parts, bot_parts = chat[0]["content"], chat[1]["content"]
-    assert user_parts[0]["component"] == "audio" and user_parts[1]["text"] == HEARD
-    assert bot_parts[0]["component"] == "audio" and bot_parts[1]["text"] == ANSWER
+    assert user_parts[0]["component"] == "audio" and user_parts[1]["text"] == question.text
+    assert bot_parts[0]["component"] == "audio" and bot_parts[1]["text"] == question.answer
     answer_wav = decode(httpx.get(bot_parts[0]["value"]["url"]).content)
     assert rms(answer_wav) > SILENCE_RMS
     # One fixed int16 scale: the stream is as loud as the answer (per-chunk peak normalisation,
@@ -121,22 +129,22 @@ def test_spoken_turn_streams_in_order_then_history_is_exported(server: str, lj_w
 
     # A second turn carries the first as context.
     second = send(c, text="and why is that?")
-    assert second[-1][ANSWER_OUT] == ANSWER
-    assert len(second[-1][CHAT_OUT]) == 4
+    assert second[-1][ANSWER_OUT] and len(second[-1][CHAT_OUT]) == 4
     doc = export(c)
     assert len(doc["turns"]) == 2
     one, two = doc["turns"]
-    assert one["context"] == [] and one["heard"] == HEARD and one["answer"] == ANSWER
-    assert one["units"] == UNITS and one["seed"] == 0 and one["end_reason"] == "eoa"
+    assert one["context"] == [] and one["heard"] == question.text and one["answer"] == question.answer
+    assert one["units"] == units and one["seed"] == 0 and one["end_reason"] == "eoa"
     assert two["question_text"] == "and why is that?"
     assert len(two["context"]) == 1
-    assert ANSWER in two["context"][0]["assistant"] and units_to_text(UNITS) in two["context"][0]["assistant"]
-    assert doc["model"].startswith("scripted-test-model") and "/" not in doc["model"]  # paths only in details
+    assistant = two["context"][0]["assistant"]
+    assert question.answer in assistant and final[UNITS_OUT] in assistant.replace(" ", "")
+    assert doc["model"].startswith("speechgpt-tiny") and "/" not in doc["model"]  # paths only in details
     # The export is downloaded from a public page: names and Hub ids only, no local paths.
-    assert doc["model_details"]["name"] == "scripted-test-model" and doc["model_details"]["lm"] == "scripted-test-model/lm"
-    assert "bundle" not in doc["model_details"] and not any("/tmp" in str(v) for v in doc["model_details"].values())
+    assert doc["model_details"]["name"] == "speechgpt-tiny" and doc["model_details"]["lm"] == "speechgpt-tiny/lm"
+    assert "bundle" not in doc["model_details"] and not any(str(REPO) in str(v) for v in doc["model_details"].values())
     assert {"torch", "transformers", "gradio", "speechgpt_app"} <= set(doc["versions"])
-    assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.7
+    assert one["timings"]["time_to_first_audio_ms"] > 0 and one["settings"]["temperature"] == 0.0
 
 
 def test_int16_at_one_fixed_scale() -> None:
@@ -148,9 +156,9 @@ def test_int16_at_one_fixed_scale() -> None:
     assert to_int16(quiet).tolist() == [328] * 4  # a quiet chunk stays quiet
 
 
-def test_sessions_keep_separate_histories(server: str, lj_wav: Path) -> None:
+def test_sessions_keep_separate_histories(server: str, question) -> None:
     a, b = client(server), client(server)
-    send(a, audio=str(lj_wav))
+    send(a, audio=str(question.audio))
     send(b, text="hello from b")
     send(a, text="second question from a")
     doc_a, doc_b = export(a), export(b)
@@ -159,9 +167,9 @@ def test_sessions_keep_separate_histories(server: str, lj_wav: Path) -> None:
     assert doc_b["turns"][0]["context"] == []
 
 
-def test_regenerate_from_corrected_transcript_replaces_the_turn(server: str, lj_wav: Path) -> None:
+def test_regenerate_from_corrected_transcript_replaces_the_turn(server: str, question) -> None:
     c = client(server)
-    send(c, audio=str(lj_wav))
+    send(c, audio=str(question.audio))
     s = SETTINGS
     job = c.submit(
         CORRECTED, s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["output"],
@@ -170,17 +178,20 @@ def test_regenerate_from_corrected_transcript_replaces_the_turn(server: str, lj_
     final = list(job)[-1]
     job.result()
     assert final[HEARD_OUT] == CORRECTED  # the forced prefix is what the model "heard" now
+    assert CORRECTED_KEY in final[ANSWER_OUT].split()  # and it answers the corrected question
     (turn,) = export(c)["turns"]  # replaced, not appended
     assert turn["heard"] == CORRECTED
     assert turn["settings"]["assistant_prefix"] == CORRECTED + "; [ta] "
-    assert turn["question_audio"] == "LJ050-0131.wav"
+    assert turn["question_audio"] == question.audio.name
 
 
-def test_stop_ends_the_turn_early(server: str, lj_wav: Path) -> None:
+def test_stop_ends_the_turn_early(server: str, question) -> None:
     c = client(server)
+    whole = text_to_units(send(c, audio=str(question.audio))[-1][UNITS_OUT])
+    c.predict(api_name="/clear")
     s = SETTINGS
     job = c.submit(
-        handle_file(str(lj_wav)), "", "Chat",
+        handle_file(str(question.audio)), "", "Chat",
         s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["output"],
         api_name="/send",
     )  # fmt: skip
@@ -191,7 +202,7 @@ def test_stop_ends_the_turn_early(server: str, lj_wav: Path) -> None:
     job.result()
     (turn,) = export(c)["turns"]
     assert turn["end_reason"] == "cancelled"
-    assert len(turn["units"]) < len(UNITS)
+    assert len(turn["units"]) < len(whole)
 
 
 def submit(c: Client, audio: str | None = None, text: str = "") -> Any:
@@ -225,7 +236,7 @@ def test_stop_reaches_a_turn_waiting_behind_another_session(server: str, lj_wav:
     with pytest.raises(AppError, match="nothing to export"):
         export(b)  # the stopped turn never ran
     b.predict(api_name="/stop")  # a Stop with nothing running or waiting is not kept for later
-    assert send(b, text="now answer")[-1][ANSWER_OUT] == ANSWER
+    assert send(b, text="now answer")[-1][ANSWER_OUT]
 
 
 def test_clear_mid_answer_leaves_the_conversation_empty(server: str, lj_wav: Path) -> None:
@@ -242,7 +253,7 @@ def test_clear_mid_answer_leaves_the_conversation_empty(server: str, lj_wav: Pat
         export(c)
 
 
-def test_regenerate_refuses_markers_and_typed_questions(server: str, lj_wav: Path) -> None:
+def test_regenerate_refuses_markers_and_typed_questions(server: str, question) -> None:
     s = SETTINGS
 
     def regenerate(c: Client, corrected: str) -> None:
@@ -252,12 +263,12 @@ def test_regenerate_refuses_markers_and_typed_questions(server: str, lj_wav: Pat
         )  # fmt: skip
 
     c = client(server)
-    send(c, audio=str(lj_wav))
+    send(c, audio=str(question.audio))
     for corrected in ("fixed <eoa>", "fixed; [ta] an answer I wrote", "say <sosp><1><eosp>", "[Human]: hi <eoh>"):
         with pytest.raises(AppError, match="Check the corrected transcript"):
             regenerate(c, corrected)
     (turn,) = export(c)["turns"]  # the answer that was there is kept as it was
-    assert turn["heard"] == HEARD and turn["answer"] == ANSWER and turn["end_reason"] == "eoa"
+    assert turn["heard"] == question.text and turn["answer"] == question.answer and turn["end_reason"] == "eoa"
 
     typed = client(server)
     send(typed, text="a typed question")
@@ -266,15 +277,15 @@ def test_regenerate_refuses_markers_and_typed_questions(server: str, lj_wav: Pat
     assert export(typed)["turns"][0]["question_text"] == "a typed question"
 
 
-def test_other_tasks_text_only_output_and_clear(server: str, lj_wav: Path) -> None:
+def test_other_tasks_text_only_output_and_clear(server: str, question) -> None:
     c = client(server)
-    text_only = send(c, text="what is it?", output="Text only")
-    assert text_only[-1][ANSWER_OUT] == ANSWER
+    text_only = send(c, audio=str(question.audio), output="Text only")
+    assert text_only[-1][ANSWER_OUT] == question.answer
     assert not any(is_stream(u[SPEECH_OUT]) for u in text_only)
-    transcribed = send(c, audio=str(lj_wav), task="Transcribe only")
-    assert transcribed[-1][HEARD_OUT] == HEARD and transcribed[-1][ANSWER_OUT] == ""
-    spoken = send(c, text="read this aloud", task="Speak this text")
-    assert spoken[-1][UNITS_OUT] == units_to_text(UNITS) and any(is_stream(u[SPEECH_OUT]) for u in spoken)
+    transcribed = send(c, audio=str(question.audio), task="Transcribe only")
+    assert transcribed[-1][HEARD_OUT] and transcribed[-1][ANSWER_OUT] == ""
+    spoken = send(c, text=question.answer, task="Speak this text")
+    assert len(text_to_units(spoken[-1][UNITS_OUT])) > 5 and any(is_stream(u[SPEECH_OUT]) for u in spoken)
     assert [t["task"] for t in export(c)["turns"]] == ["chat", "transcribe", "speak"]
     c.predict(api_name="/clear")  # Clear empties this session's conversation
     with pytest.raises(AppError, match="nothing to export"):
@@ -303,20 +314,23 @@ def test_bad_input_is_a_plain_error_and_the_app_keeps_serving(server: str, tmp_p
         send(c, text="transcribe this", task="Transcribe only")
     with pytest.raises(AppError, match="Speak this text needs typed text"):
         send(c, audio=str(silent), task="Speak this text")  # refused before the audio is read
-    assert send(c, text="still there?")[-1][ANSWER_OUT] == ANSWER
+    q = known_questions()[1]
+    assert send(c, audio=str(q.audio))[-1][ANSWER_OUT] == q.answer
 
 
-def test_default_model_is_the_shipped_speechgpt_tiny_without_a_scripted_label(monkeypatch) -> None:
+def test_default_model_is_the_shipped_speechgpt_tiny_with_its_domain_notice(monkeypatch) -> None:
     from speechgpt_app.loaders import DEFAULT_MODEL
 
     monkeypatch.delenv("SPEECHGPT_MODEL", raising=False)
     app = load_app_module()
     pipeline, why = app.load_pipeline(None, None)
-    assert why is None and pipeline.bundle_dir == DEFAULT_MODEL and pipeline.warning is None
+    assert why is None and pipeline.bundle_dir == DEFAULT_MODEL and "domain" in pipeline.warning
+    assert pipeline.default_options.temperature == 0.0  # greedy, as it was evaluated
     demo = app.create_app()
     texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
     assert any(isinstance(t, str) and "speechgpt-tiny" in t for t in texts)
-    assert not any(isinstance(t, str) and ("scripted" in t or LABEL in t) for t in texts)
+    assert any(isinstance(t, str) and pipeline.warning in t for t in texts)
+    assert not any(isinstance(t, str) and "scripted" in t for t in texts)
 
 
 def test_a_missing_default_model_still_serves_the_page_and_says_why(tmp_path: Path, monkeypatch) -> None:
@@ -334,10 +348,9 @@ def test_a_missing_default_model_still_serves_the_page_and_says_why(tmp_path: Pa
 
 def test_the_page_and_its_config_route_show_no_local_paths(server: str, tmp_path_factory) -> None:
     """A public Space must not tell anyone where its files are: /config holds the model's name only."""
-    bundle = scripted_bundle(tmp_path_factory)
     config = httpx.get(server + "config", timeout=30).text
-    assert "scripted-test-model" in config
-    for secret in (str(bundle), str(bundle.parent)):
+    assert "speechgpt-tiny" in config
+    for secret in (str(TINY), str(REPO)):
         assert secret not in config, secret
 
 
@@ -353,7 +366,7 @@ def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_
     from speechgpt_app.pipeline import Pipeline
     from speechgpt_app.ui import build_ui
 
-    pipeline = Pipeline.load(str(scripted_bundle(tmp_path_factory)))
+    pipeline = Pipeline.load(str(TINY))
     demo = build_ui(pipeline).queue()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -368,7 +381,8 @@ def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_
         with pytest.raises(AppError, match="GPU ran out of memory"):
             send(c, text="hello?")
         del model.forward  # memory is back
-        assert send(c, text="hello again?")[-1][ANSWER_OUT] == ANSWER
+        q = known_questions()[0]
+        assert send(c, audio=str(q.audio))[-1][ANSWER_OUT] == q.answer
     finally:
         demo.close()
 
@@ -376,8 +390,7 @@ def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_
 def test_a_full_queue_is_told_to_the_user(tmp_path_factory) -> None:
     from gradio_client.utils import QueueError
 
-    bundle = scripted_bundle(tmp_path_factory)
-    with running_app(bundle, tmp_path_factory.mktemp("hf"), queue_size=1) as url:
+    with running_app(TINY, tmp_path_factory.mktemp("hf"), queue_size=1) as url:
         clients = [client(url) for _ in range(3)]  # one runs, one waits, one finds the queue full
         s = SETTINGS
         jobs = [

@@ -12,7 +12,6 @@ provenance says so: its speech is noise until the vocoder is trained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from speechgpt_app.loaders import sha256_file
 from training.config import parse_args, to_dict
 from training.fit import TRAINING_JSON
 
@@ -64,8 +64,16 @@ class ExportConfig:
     description: str = ""
     weights_dtype: str = "float32"  # "float16" halves the bundle (small models ship in the repository)
     max_new_tokens: int | None = None  # the bundle's generation override (its answers' longest sensible length)
+    greedy: bool = False  # default decoding greedy (temperature 0, which the page's slider shows too)
+    notice: str = ""  # a plain line the page shows beside the model's name (what it cannot do)
     push_to_hub: str | None = None  # Hub repo id to upload the bundle to (needs a token and network)
     private: bool = True
+
+
+def generation(cfg: ExportConfig) -> dict[str, object]:
+    """bundle.json's `generation` overrides from the export settings."""
+    out: dict[str, object] = {"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}
+    return {**out, "temperature": 0.0} if cfg.greedy else out  # SamplingOptions.greedy: temperature 0
 
 
 class ExportError(ValueError):
@@ -152,8 +160,7 @@ def _file_facts(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         return {"path": path, "missing": True}
-    digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    return {"path": path, "bytes": p.stat().st_size, "sha256": digest}
+    return {"path": path, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 def _versions() -> dict[str, str]:
@@ -232,9 +239,10 @@ def main(cfg: ExportConfig) -> Path:
         lm=lm,
         adapter=adapter,
         context_length=cfg.context_length,
-        generation={"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {},
+        generation=generation(cfg),
         provenance=provenance(cfg, vocoder),
         description=cfg.description or f"{cfg.name}: trained with training/ ({cfg.recipe or 'no recipe given'})",
+        notice=cfg.notice,
     )
     write_bundle(out, info)
     (out / "README.md").write_text(model_card(info), encoding="utf-8")

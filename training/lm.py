@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from speechgpt_app.model import quantization_config
 from training.fit import LoraArgs
 
 LLAMA_HELP = (
@@ -40,16 +41,12 @@ def load_tokenizer(path: str, n_units: int | None = None, stage2: bool = True):
 def load_model(path: str, quant: str = "none", precision: str = "fp32"):
     """LlamaForCausalLM for training: fp32 master weights (mixed precision comes from Accelerate),
     or a frozen NF4/int8 base for QLoRA."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
-    if quant == "nf4":
+    if quant in ("nf4", "int8"):  # bf16 compute with bf16 training; fp32 otherwise (and on CPU)
         compute = torch.bfloat16 if precision == "bf16" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
-        )
-    elif quant == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = quantization_config(quant, compute)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

@@ -11,15 +11,12 @@ unk/bos/eos = 0/1/2) on the recipe's text, with unit strings and SpeechGPT's add
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from speechgpt_app.prompt import without_added_tokens
 from training.config import parse_args, to_dict
 from training.fit import MODEL_DIR, TRAINING_JSON
-
-# Text the base tokenizer must not learn: units and stage-1/2 tokens become added tokens in stages 1-2.
-_ADDED = re.compile(r"<sosp>.*?<eosp>|<sosp>|<eosp>|<eoh>|<eos>|\[Human\]|\[SpeechGPT\]|<\d+>", re.S)
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ def recipe_text(paths: tuple[str, ...]) -> list[str]:
                 continue
             texts = [v for v in json.loads(raw).values() if isinstance(v, str)] if path.suffix == ".jsonl" else [raw]
             for t in texts:
-                lines += [s for s in _ADDED.sub(" ", t).splitlines() if s.strip()]
+                lines += [s for s in without_added_tokens(t).splitlines() if s.strip()]
     if not lines:
         raise ValueError(f"no text in {', '.join(paths)}")
     return lines

@@ -4,12 +4,14 @@
 
 - `units.jsonl`: the units of every recording of the corpus (read once by the trained encoder);
 - `stage1.txt`: one unit line per training recording (questions, and answers in the output voice);
+- every spoken question is heard twice: its units, and a noisy copy (NOISE_* rates);
 - `stage2.jsonl`: ASR records (question units -> transcript) and TTS records (text -> the output voice's
   units), half of them in the app's own instruction words, the rest in `tasks.py`'s descriptions;
 - `stage3.jsonl`: chain-of-modality records in the app's `explicit` style: every training recording
   speech -> speech, a share speech -> text, typed questions (as people type them: capitalised, with a
   question mark) -> text and speech, and two-turn conversations whose history is the first turn
-  exactly as the app keeps it (the spoken question's units, the full answer with its units).
+  exactly as the app keeps it (the spoken question's units, the full answer with its units), and a
+  share (TASK_SHARE) of stage 2's records.
 Held-out questions never appear.
 """
 
@@ -36,6 +38,11 @@ log = logging.getLogger(__name__)
 APP_SHARE = 0.5  # stage-2 records in the app's own instruction words
 S2T_SHARE = 0.35  # training recordings that also give a speech -> text record
 TYPED_SHARE = 0.25  # questions that also give typed (t2s, t2t) records
+TASK_SHARE = 0.15  # stage-2 (ASR, TTS) records mixed into stage 3, so the LoRA keeps the app's other two tasks
+# The encoder hears its own training recordings better (PER about 3%) than new ones (about 10%): the
+# language model also learns from a noisy copy of every spoken question, so new recordings' unit errors
+# are familiar to it. Rates per unit.
+NOISE_DELETE, NOISE_SUBSTITUTE, NOISE_INSERT = 0.03, 0.03, 0.02
 SEED = 7
 
 
@@ -69,6 +76,19 @@ def typed(text: str, rng: random.Random) -> str:
     return text + ("?" if rng.random() < 0.5 else "")
 
 
+def noisy(units: list[int], n_units: int, rng: random.Random) -> list[int]:
+    """A copy of `units` with random deletions, substitutions and insertions (NOISE_* rates per unit)."""
+    out: list[int] = []
+    for u in units:
+        r = rng.random()
+        if r < NOISE_DELETE:
+            continue
+        out.append(rng.randrange(n_units) if r < NOISE_DELETE + NOISE_SUBSTITUTE else u)
+        if rng.random() < NOISE_INSERT:
+            out.append(rng.randrange(n_units))
+    return out or list(units)
+
+
 def _rec(user: str, answer: str, history: tuple[prompt.Turn, ...] = (), **extra) -> str:
     prefix = prompt.SYSTEM_PROMPT + prompt.format_history(history)
     return record_line(Record(prefix, prompt.format_exchange(user, answer)), **extra)
@@ -80,19 +100,21 @@ def spoken_turn(q_units: list[int], q: domain.Question, a_units: list[int]) -> t
     return user, prompt.format_answer(heard=q.text, answer=q.answer, units=a_units)
 
 
-def build(corpus: Path, units: dict[str, list[int]], out: Path) -> dict[str, int]:
+def build(corpus: Path, units: dict[str, list[int]], out: Path, n_units: int) -> dict[str, int]:
     """Write stage1.txt, stage2.jsonl and stage3.jsonl; return how many lines each has."""
     rng = random.Random(SEED)
-    said: dict[str, list[tuple[list[int], str]]] = defaultdict(list)  # question text -> (units, voice)
+    heard: dict[str, list[tuple[list[int], str]]] = defaultdict(list)  # question text -> (units, voice)
     for e in read_manifest(corpus / "questions.jsonl"):
         if units[e["audio"]]:
-            said[e["text"]].append((units[e["audio"]], e["voice"]))
+            heard[e["text"]].append((units[e["audio"]], e["voice"]))
+    # What the language model hears: every recording's units, and a noisy copy of them.
+    said = {text: recs + [(noisy(u, n_units, rng), v) for u, v in recs] for text, recs in heard.items()}
     spoken = {e["text"]: units[e["audio"]] for e in read_manifest(corpus / "answers.jsonl") if units[e["audio"]]}
     train, _ = domain.split()
     conv_train, _ = domain.split_conversations()
     out.mkdir(parents=True, exist_ok=True)
 
-    stage1 = [units_to_text(u) for recs in said.values() for u, _ in recs] + [units_to_text(u) for u in spoken.values()]
+    stage1 = [units_to_text(u) for recs in heard.values() for u, _ in recs] + [units_to_text(u) for u in spoken.values()]
     rng.shuffle(stage1)
     (out / "stage1.txt").write_text("\n".join(stage1) + "\n", encoding="utf-8")
 
@@ -136,6 +158,7 @@ def build(corpus: Path, units: dict[str, list[int]], out: Path) -> dict[str, int
             user1, answer1 = spoken_turn(u1, conv.first, a1)
             history = (prompt.Turn(user1, answer1, heard=conv.first.text),)
             stage3.append(_rec(*spoken_turn(u2, conv.follow, a2), history=history, voice=voice))
+    stage3 += rng.sample(stage2, round(TASK_SHARE * len(stage3)))
     rng.shuffle(stage3)
     (out / "stage3.jsonl").write_text("\n".join(stage3) + "\n", encoding="utf-8")
     return {"stage1": len(stage1), "stage2": len(stage2), "stage3": len(stage3)}
@@ -211,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     units = extract_units(args.corpus, args.speech_dir, args.out / "units.jsonl", args.threads)
-    print(json.dumps(build(args.corpus, units, args.out)))
+    n_units = SpeechTokenizer.from_dir(args.speech_dir).config.n_units
+    print(json.dumps(build(args.corpus, units, args.out, n_units)))
     print(json.dumps(write_eval_sets(args.corpus, args.corpus / "eval")))
 
 

@@ -1,15 +1,17 @@
 """The scripted test model: a complete bundle in the real formats whose answers are fixed in advance.
 
-SCRIPTED TEST MODEL — NOT A TRAINED MODEL. It exists so that tests (and the app's tests) can run a
-whole spoken turn on a CPU in seconds and know exactly what must come out.
+SCRIPTED TEST MODEL — NOT A TRAINED MODEL. It lives with the tests: it lets them run a whole spoken
+turn on a CPU in seconds with answers shaped as they need (an answer that stops after its text, one
+that runs out of tokens) and know exactly what must come out. Real content comes from SpeechGPT-tiny.
 
 Everything in the bundle is real and goes through the real loaders: a SentencePiece tokenizer trained
 here and extended with SpeechGPT's tokens, a random `LlamaForCausalLM` saved with `save_pretrained`
 (safetensors), a PEFT LoRA adapter, a log-mel speech tokenizer with random centres, a random unit
 HiFi-GAN with a duration predictor (16 kHz, hop 320). Only one thing is scripted: `lm/script.json`
-holds the answer, and when it is present the pipeline installs a logits hook that forces each next
-token so that the model writes that answer (`prompt.format_answer`) for the task asked. Sampling,
-the KV cache, the detokeniser, the parser, the vocoder and the timing all run for real.
+holds the answer, and `load_scripted` gives the pipeline a logits hook (its generic
+`Pipeline.logits_hook` seam) that forces each next token so that the model writes that answer
+(`prompt.format_answer`) for the task asked. Sampling, the KV cache, the detokeniser, the parser,
+the vocoder and the timing all run for real.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from speechgpt_app.bundle import BundleInfo, write_bundle
 from speechgpt_app.generate import LogitsHook, decode, encode_continuation
+from speechgpt_app.pipeline import Pipeline
 from speechgpt_app.prompt import (
     ANSWER_TAG,
     ASR_INSTRUCTION,
@@ -274,6 +277,18 @@ def make_scripted_bundle(
         provenance={"recipe": "scripted", "note": LABEL, "seed": seed,
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__}},  # fmt: skip
         description=LABEL,
+        notice=LABEL,
     )
     write_bundle(out, info)
     return out
+
+
+def load_scripted(bundle_dir: str | Path, **load: object) -> Pipeline:
+    """`Pipeline.load` a scripted bundle (`load` as it takes) with its script forcing every answer."""
+    pipeline = Pipeline.load(str(bundle_dir), **load)  # type: ignore[arg-type]
+    script = Script.from_dir(Path(bundle_dir) / "lm")
+    if script is None:
+        raise FileNotFoundError(f"{bundle_dir} is not a scripted bundle: lm/{SCRIPT_FILE} is missing")
+    tokenizer = pipeline.lm.tokenizer
+    pipeline.logits_hook = lambda task: script.logits_hook(tokenizer, task)
+    return pipeline
