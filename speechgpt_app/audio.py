@@ -227,6 +227,7 @@ def _finish(mono: np.ndarray, rate: int, limits: AudioLimits) -> np.ndarray:
     return out
 
 
+EMPTY_FILE_BYTES = 4096  # a file that states no samples but is larger than this lost them (damage)
 WAV_PLACEHOLDER_BYTES = 0x7FFF0000  # stated wav data sizes from here up mean "unknown" (streaming writers)
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # the app's upload cap; no real upload states more
 
@@ -240,7 +241,13 @@ def _decode(open_source: Any, name: str, limits: AudioLimits) -> tuple[np.ndarra
         info = sf.info(open_source())
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return _decode_pyav(open_source(), name, limits)
+    if info.frames == 0 and info.format == "WAV":
+        # A streaming writer's data size of 0 ("length unknown"): libsndfile reads nothing, FFmpeg
+        # reads to the end of the file.
+        return _decode_pyav(open_source(), name, limits)
     if info.frames == 0:
+        if _size(open_source()) > EMPTY_FILE_BYTES:  # an ogg cut before its last page states no length
+            raise AudioError("unreadable", f"Could not decode {name}: it looks damaged or truncated.")
         raise AudioError("empty", f"There are no audio samples in {name}.")
     _check_channels(info.channels)
     # An mp3 without a Xing/Info/VBRI frame does not state its length: libsndfile guesses it from the
@@ -329,6 +336,13 @@ def _mp3_states_its_length(source: Any) -> bool:
     return any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
 
 
+def _size(source: Any) -> int:
+    """Bytes in a path or a seekable file object."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    return source.seek(0, os.SEEK_END)
+
+
 def _read_at(source: Any, offset: int, size: int) -> bytes:
     """`size` bytes from `offset` of a path or a seekable file object."""
     if isinstance(source, (str, os.PathLike)):
@@ -363,7 +377,9 @@ def _decode_pyav(file: Any, name: str, limits: AudioLimits) -> tuple[np.ndarray,
     try:
         container = av.open(file, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise AudioError("unreadable", f"Could not read {name} as audio ({SUPPORTED} are supported).") from e
+        raise AudioError(
+            "unreadable", f"Could not read {name} as audio: it is damaged, cut short, or not one of {SUPPORTED}."
+        ) from e
     with container:
         if not container.streams.audio:
             raise AudioError("unreadable", f"There is no audio track in {name}.")

@@ -51,6 +51,11 @@ INT16_SCALE = 32767
 # repeated exactly (an empty seed box means a fresh random seed, recorded in the export).
 DEFAULT_SEED = 0
 
+# Uploads, answer audio and exports are deleted this long after they were written (or when the page
+# closes, for the app's own files): Gradio sweeps its cache hourly, ChatApp whenever it writes a file.
+RETENTION_SECONDS = 24 * 3600
+CACHE_SWEEP_SECONDS = 3600
+
 STOPPED_WAITING = "Stopped before it started: your question was not sent to the model."
 
 OUT_OF_MEMORY = "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation."
@@ -344,11 +349,24 @@ class ChatApp:
         )
 
     def _new_file(self, session_id: str, stem: str, suffix: str) -> Path:
-        """A fresh file in the session's own directory (removed when the session ends)."""
-        folder = self.files_dir / (session_id or "no-session")
-        folder.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f"{stem}-", suffix=suffix, dir=folder, delete=False) as f:
-            return Path(f.name)
+        """A fresh file in the session's own directory (removed when the session ends, or once it is
+        older than RETENTION_SECONDS)."""
+        with self._lock:  # one sweep at a time, and never between another's mkdir and its file
+            self.sweep()
+            folder = self.files_dir / (session_id or "no-session")
+            folder.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(prefix=f"{stem}-", suffix=suffix, dir=folder, delete=False) as f:
+                return Path(f.name)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Delete the app's files older than RETENTION_SECONDS, and session folders left empty."""
+        cutoff = (time.time() if now is None else now) - RETENTION_SECONDS
+        for folder in [f for f in self.files_dir.iterdir() if f.is_dir()]:
+            for file in folder.iterdir():
+                if file.stat().st_mtime < cutoff:
+                    file.unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
     def forget(self, request: gr.Request) -> None:
         """A closed page: drop its answer audio and exports (its gr.State goes with it)."""
@@ -739,8 +757,8 @@ def build_ui(
     handlers = Handlers(app, defaults, description, details, gpu or (lambda fn: fn))
     model_md = f"**Model:** {description}" + (f"  \n⚠️ **{label}**" if label else "")
     model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description
-    # Gradio's own copies of uploads and answers: hourly, drop those older than a day.
-    with gr.Blocks(title="SpeechGPT voice chat", delete_cache=(3600, 86400)) as demo:
+    # Gradio's own copies of uploads and answers: hourly, drop those older than the retention time.
+    with gr.Blocks(title="SpeechGPT voice chat", delete_cache=(CACHE_SWEEP_SECONDS, RETENTION_SECONDS)) as demo:
         page = _layout(model_md, defaults, max_tokens, model_info, max(1, len(details)))
         _wire(page, handlers, app, examples)
         demo.unload(app.forget)

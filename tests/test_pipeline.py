@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scripted import LABEL, load_scripted, make_scripted_bundle
 
 from speechgpt_app.audio import AudioError
@@ -351,3 +354,63 @@ def test_the_core_knows_no_scripted_model(bundle, lj_wav):
     assert plain.logits_hook is None
     events = list(plain.respond(audio=lj_wav, options=Options(output="text", max_new_tokens=30, do_sample=False)))
     assert events[-1].turn is None or events[-1].turn.heard != HEARD  # unforced, the random model says other words
+
+
+def forcing(stream: list[int], eos_id: int):
+    """A Pipeline.logits_hook that makes the model write `stream`, then stop (whatever the task)."""
+
+    def for_task(task):
+        def hook(ids, logits):
+            forced = torch.full_like(logits, float("-inf"))
+            forced[stream[len(ids)] if len(ids) < len(stream) else eos_id] = 0.0
+            return forced
+
+        return hook
+
+    return for_task
+
+
+# Pieces a broken or hostile model might write: markers out of place, unit ids out of range or
+# malformed, turn markers, text outside any grammar.
+ADVERSARIAL = ("<sosp>", "<eosp>", "<eoa>", "[ta]", "[ua]", "[tq]", "; ", " ", "<49>", "<50>", "<0>", "<999999>",
+               "<12345678>", "<-1>", "<07>", "<x>", "[Human]", "[SpeechGPT]", "<eoh>", "é", "你", "\n", "<", ">")  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_token_stream_ends_the_turn_plainly_with_units_in_range(pipeline, data):
+    tokenizer = pipeline.lm.tokenizer
+    pieces = data.draw(st.lists(st.one_of(st.sampled_from(ADVERSARIAL), st.text(max_size=4)), max_size=25))
+    stream = tokenizer.encode("".join(pieces), add_special_tokens=False)
+    stream += data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=25))  # any id at all
+    data.draw(st.randoms()).shuffle(stream)
+    budget = data.draw(st.integers(1, 80))
+    output = data.draw(st.sampled_from(["speech+text", "text"]))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipeline, "logits_hook", forcing(stream, tokenizer.eos_token_id))
+        options = Options(output=output, max_new_tokens=budget, min_new_tokens=0, seed=0)
+        events = list(pipeline.respond(text="what is two plus two", options=options))
+    ends = [e for e in events if isinstance(e, End)]
+    assert len(ends) == 1 and events[-1] is ends[0]
+    end = ends[0]
+    assert end.reason in ("eoa", "eos", "max_tokens"), end  # never "error": nothing raised inside
+    assert end.stats["sampled_tokens"] + end.stats["forced_tokens"] <= budget  # always bounded
+    assert all(0 <= u < pipeline.n_units for e in events if isinstance(e, Units) for u in e.ids)
+    for e in events:
+        if isinstance(e, Audio):
+            assert e.pcm.dtype == np.float32 and np.isfinite(e.pcm).all()
+    assert output == "speech+text" or not any(isinstance(e, Audio) for e in events)
+
+
+def test_out_of_range_units_are_dropped_and_counted(pipeline):
+    tokenizer = pipeline.lm.tokenizer
+    stream = tokenizer.encode("what; [ta] this; [ua] <sosp><3><77><999999><5><eosp><eoa>", add_special_tokens=False)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipeline, "logits_hook", forcing(stream, tokenizer.eos_token_id))
+        events = list(pipeline.respond(text="what is two plus two", options=Options(seed=0)))
+    assert parsed(events) == [Heard("what"), Answer("this"), Units((3, 5))]
+    end = events[-1]
+    assert end.reason == "eoa" and end.problems == ("dropped 2 units outside the vocabulary (0-49)",)
+    assert len(audio_of(events)) == sum(pipeline.vocoder.durations((3, 5))) * pipeline.vocoder.hop
