@@ -283,49 +283,20 @@ class ChainParser:
     def _problems(self) -> tuple[list[str], list[Notice]]:
         """Plain sentences with exact counts, and a Notice for each kind of thing dropped."""
         d = self._drops
+        reports = (  # (count, notice kind, the sentence's verb, counted thing, where)
+            (d["out_of_range"], "units_dropped", "dropped", "unit", f"outside the vocabulary (0-{self.n_units - 1})"),
+            (d["unknown_token"], "units_dropped", "dropped", "unknown token", "inside the unit span"),
+            (d["second_block"], "units_dropped", "dropped", "unit", "of a second unit block"),
+            (d["span_text"], "text_dropped", "dropped", "character", "of text among the answer units"),
+            (d["after_units"], "text_dropped", "ignored", "character", f"of text between {EOSP} and {EOA}"),
+            (d["misplaced_tag"], "tags_ignored", "ignored", "misplaced tag", None),
+            (0 if self._after_eoa_blank else self._after_eoa, "text_dropped", "ignored", "character", f"after {EOA}"),
+        )
         dropped: list[tuple[str, str]] = []  # (notice kind, sentence)
-        if d["out_of_range"]:
-            dropped.append(
-                (
-                    "units_dropped",
-                    f"dropped {_count(d['out_of_range'], 'unit')} outside the vocabulary "
-                    f"(0-{self.n_units - 1})",
-                )
-            )
-        if d["unknown_token"]:
-            dropped.append(
-                (
-                    "units_dropped",
-                    f"dropped {_count(d['unknown_token'], 'unknown token')} inside the unit span",
-                )
-            )
-        if d["second_block"]:
-            dropped.append(
-                ("units_dropped", f"dropped {_count(d['second_block'], 'unit')} of a second unit block")
-            )
-        if d["span_text"]:
-            dropped.append(
-                (
-                    "text_dropped",
-                    f"dropped {_count(d['span_text'], 'character')} of text among the answer units",
-                )
-            )
-        if d["after_units"]:
-            dropped.append(
-                (
-                    "text_dropped",
-                    f"ignored {_count(d['after_units'], 'character')} of text between {EOSP} and {EOA}",
-                )
-            )
-        if d["misplaced_tag"]:
-            dropped.append(
-                (
-                    "tags_ignored",
-                    f"ignored {_count(d['misplaced_tag'], 'misplaced tag')}: {', '.join(self._misplaced)}",
-                )
-            )
-        if not self._after_eoa_blank:
-            dropped.append(("text_dropped", f"ignored {_count(self._after_eoa, 'character')} after {EOA}"))
+        for count, kind, verb, thing, where in reports:
+            if count:
+                tail = f" {where}" if where is not None else f": {', '.join(self._misplaced)}"
+                dropped.append((kind, f"{verb} {_count(count, thing)}{tail}"))
         problems = self._flags + [sentence for _, sentence in dropped]
         return problems, [Notice(kind, sentence) for kind, sentence in dropped]
 

@@ -154,9 +154,11 @@ def test_export_keeps_the_adapter_apart_when_asked(chain: Chain, speech_dir: Pat
     from speechgpt_app.bundle import read_bundle
 
     out = export.main(export.ExportConfig(lm=str(chain.stage2), adapter=str(chain.stage3), merge=False,
-                                          speech_dir=str(speech_dir), out=str(tmp_path / "b")))  # fmt: skip
+                                          speech_dir=str(speech_dir), out=str(tmp_path / "b"), greedy=True,
+                                          notice="answers only its domain", max_new_tokens=64))  # fmt: skip
     info = read_bundle(out)
     assert info.adapter == "adapter" and (out / "adapter" / "adapter_config.json").is_file()
+    assert info.generation == {"max_new_tokens": 64, "temperature": 0.0} and info.notice == "answers only its domain"
     with pytest.raises(export.ExportError, match="not empty"):
         export.main(export.ExportConfig(lm=str(chain.stage2), speech_dir=str(speech_dir), out=str(out)))
 
