@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -750,6 +751,8 @@ def build_ui(
     (the `spaces.GPU` decorator on ZeroGPU, nothing elsewhere).
     """
     app = ChatApp(pipeline, unavailable, Path(tempfile.mkdtemp(prefix="speechgpt-ui-")))
+    # The app's own folder goes with it (or with the process): a restarted app leaves nothing behind.
+    weakref.finalize(app, shutil.rmtree, app.files_dir, True)
     description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
     details = pipeline.public_details if pipeline is not None else {}  # no local paths on a public page
     defaults = pipeline.default_options if pipeline is not None else Options()
