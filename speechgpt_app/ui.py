@@ -372,8 +372,8 @@ class ChatApp:
     def forget(self, request: gr.Request) -> None:
         """A closed page: drop its answer audio and exports (its gr.State goes with it)."""
         if request.session_hash:
-            shutil.rmtree(self.files_dir / request.session_hash, ignore_errors=True)
-            with self._lock:
+            with self._lock:  # not while another session's write sweeps the folders
+                shutil.rmtree(self.files_dir / request.session_hash, ignore_errors=True)
                 self._stopped_waiting.discard(request.session_hash)
                 self._cleared_at.pop(request.session_hash, None)
 
