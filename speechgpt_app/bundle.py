@@ -25,7 +25,7 @@ SCHEMA_VERSION = 1
 PROMPT_STYLES: tuple[str, ...] = ("released", "explicit")
 DEFAULT_CONTEXT_LENGTH = 2048  # positions of LLaMA-1 7B
 
-# Sampling settings a bundle may override (names and types of pipeline.Options' fields).
+# Sampling settings a bundle may override (names and types of generate.SamplingOptions' fields).
 GENERATION_KEYS: dict[str, type | tuple[type, ...]] = {
     "do_sample": bool,
     "temperature": (int, float),

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# --flag -> Options field, for the sampling settings (None = the bundle's default).
+# --flag -> SamplingOptions field (None = the bundle's default).
 SAMPLING_FLAGS: dict[str, type] = {
     "temperature": float,
     "top_p": float,
@@ -64,7 +64,7 @@ def sampling_options(args: argparse.Namespace, defaults: Any, **more: Any) -> An
     given: dict[str, Any] = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     if args.greedy:
         given["do_sample"] = False
-    return replace(defaults, **given, seed=args.seed, output=args.output, **more)
+    return replace(defaults, sampling=replace(defaults.sampling, **given, seed=args.seed), output=args.output, **more)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -184,9 +184,10 @@ def evaluate(
     """Run every item (greedy); return {"groups": {group: {figure: value}}, "items": [...]}.
 
     `tasks=False` skips the transcribe and speak task turns (their WERs are then absent)."""
-    greedy = replace(pipeline.default_options, do_sample=False, seed=0)
+    sampling = replace(pipeline.default_options.sampling, do_sample=False, seed=0)
     if max_new_tokens is not None:
-        greedy = replace(greedy, max_new_tokens=max_new_tokens)
+        sampling = replace(sampling, max_new_tokens=max_new_tokens)
+    greedy = replace(pipeline.default_options, sampling=sampling)
     tallies: dict[str, _Tally] = defaultdict(_Tally)
     rows = []
     for n, item in enumerate(items):

@@ -30,12 +30,6 @@ from speechgpt_app.audio import limits_from_env, load_audio
 from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
 from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
 from speechgpt_app.generate import (
-    DO_SAMPLE,
-    MAX_NEW_TOKENS,
-    MIN_NEW_TOKENS,
-    TEMPERATURE,
-    TOP_K,
-    TOP_P,
     GenerationStats,
     LogitsHook,
     SamplingOptions,
@@ -77,8 +71,9 @@ def model_from_env() -> str:
 
 @dataclass(frozen=True)
 class Options:
-    """How to answer one turn. Sampling defaults are the released inference settings.
+    """How to answer one turn.
 
+    `sampling`: how each next token is picked (the released inference settings by default).
     `task`: chat (answer the question), transcribe (write what was said), speak (say the text).
     `output`: "speech+text" (a chat answer is forced to go on to speech if the model stops after its
     text) or "text" (generation stops where the speech part would begin; no audio).
@@ -86,20 +81,13 @@ class Options:
     streamed and parsed like generated text.
     """
 
-    do_sample: bool = DO_SAMPLE
-    temperature: float = TEMPERATURE
-    top_p: float = TOP_P
-    top_k: int = TOP_K
-    max_new_tokens: int = MAX_NEW_TOKENS
-    min_new_tokens: int = MIN_NEW_TOKENS
-    seed: int | None = None
+    sampling: SamplingOptions = SamplingOptions()
     chunk_units: int = CHUNK_UNITS
     task: Task = "chat"
     output: OutputMode = "speech+text"
     assistant_prefix: str | None = None
 
     def __post_init__(self) -> None:
-        self.sampling()  # raises ValueError for bad sampling values
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
         if self.output not in OUTPUT_MODES:
@@ -110,18 +98,6 @@ class Options:
             raise ValueError(f"chunk_units must be at least 1, got {self.chunk_units}")
         if self.assistant_prefix is not None and not self.assistant_prefix.strip():
             raise ValueError("assistant_prefix is empty; give None for no prefix")
-
-    def sampling(self) -> SamplingOptions:
-        """The sampling part, as generate.py takes it."""
-        return SamplingOptions(
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            seed=self.seed,
-        )
 
 
 @dataclass
@@ -212,7 +188,7 @@ class Request:
 def _bundle_options(bundle_dir: Path, info: BundleInfo) -> Options:
     """The default options: the released settings, with the bundle's `generation` overrides."""
     try:
-        return replace(Options(), **info.generation)
+        return Options(sampling=SamplingOptions(**info.generation))
     except ValueError as e:
         raise BundleError(f"bundle {bundle_dir}: its generation settings are invalid: {e}") from e
 
@@ -390,15 +366,15 @@ class Pipeline:
         if audio is not None:
             units = units_to_text(self.speech.encode(load_audio(audio, limits=self.limits)))
         user = user_message(options.task, options.output, units=units, text=text, style=self.info.prompt_style)
-        reserve = min(options.max_new_tokens, self.context_length // 2)
+        reserve = min(options.sampling.max_new_tokens, self.context_length // 2)
         plan = build_prompt(user, history, self.count_tokens, self.context_length - reserve)
         prompt_ids = tuple(self.lm.tokenizer.encode(plan.text))
         if options.assistant_prefix is not None:
             forced = len(encode_continuation(self.lm.tokenizer, options.assistant_prefix))
-            if forced >= options.max_new_tokens:
+            if forced >= options.sampling.max_new_tokens:
                 raise PromptError(
                     f"the assistant prefix takes {forced} tokens, leaving no room in max_new_tokens="
-                    f"{options.max_new_tokens}"
+                    f"{options.sampling.max_new_tokens}"
                 )
         return Request(user, plan.text, prompt_ids, plan.notices, options)
 
@@ -418,8 +394,39 @@ class Pipeline:
                 yield stamp(End("error", (f"generation failed: {type(e).__name__}: {e}",), stats=turn.stats_dict()))
 
 
+class _Speaker:
+    """The answer's units in, its audio out: the streaming vocoder fed `chunk_units` at a time.
+
+    The one place a turn meets the vocoder, so that the vocoder can run beside decoding (its own thread)
+    without the token loop knowing."""
+
+    def __init__(self, pipeline: Pipeline, chunk_units: int) -> None:
+        self.vocoder = pipeline.vocoder.stream()
+        self.sample_rate = pipeline.sample_rate
+        self.chunk_units = chunk_units
+        self.pending: list[int] = []
+
+    def feed(self, ids: Sequence[int]) -> Iterator[Audio]:
+        """Take units; yield audio once a chunk's worth has come."""
+        self.pending.extend(ids)
+        if len(self.pending) >= self.chunk_units:
+            yield from self._audio(self.vocoder.push(self.pending))
+            self.pending = []
+
+    def finish(self) -> Iterator[Audio]:
+        """The rest of the audio: the pending units and the vocoder's held-back tail."""
+        if self.pending:
+            yield from self._audio(self.vocoder.push(self.pending))
+            self.pending = []
+        yield from self._audio(self.vocoder.flush())
+
+    def _audio(self, pcm: np.ndarray) -> Iterator[Audio]:
+        if len(pcm):
+            yield Audio(pcm.astype(np.float32, copy=False), self.sample_rate)
+
+
 class _TurnState:
-    """The streaming part of one turn: tokens -> parser -> vocoder, and the history entry at the end."""
+    """The streaming part of one turn: tokens -> parser -> speaker, and the history entry at the end."""
 
     def __init__(self, request: Request, pipeline: Pipeline) -> None:
         self.request = request
@@ -430,8 +437,7 @@ class _TurnState:
         self.heard = ""
         self.stats: GenerationStats | None = None
         self.speech = self.options.output == "speech+text"
-        self.vocoder = pipeline.vocoder.stream() if self.speech else None
-        self.pending_units: list[int] = []
+        self.speaker = _Speaker(pipeline, self.options.chunk_units) if self.speech else None
         self.forced_speech = False
 
     def stats_dict(self) -> dict[str, float]:
@@ -448,7 +454,7 @@ class _TurnState:
             pipeline.lm.model,
             tokenizer,
             self.request.prompt_ids,
-            options.sampling(),
+            options.sampling,
             prefix=options.assistant_prefix or "",
             stop_strings=(EOA,) if self.speech else TEXT_MODE_STOPS,
             on_stop=self._on_stop if self.speech and options.task == "chat" else None,
@@ -466,8 +472,9 @@ class _TurnState:
                 reason, self.stats = step.finish, step.stats
         for event in self.parser.finish(reason):
             if isinstance(event, End):
-                if reason != "cancelled":  # stop means stop: no more vocoder work
-                    yield from self._flush_audio()
+                # Stop means stop: no more vocoder work.
+                if reason != "cancelled" and self.speaker is not None:
+                    yield from self.speaker.finish()
                 yield replace(event, turn=self._turn(reason), stats=self.stats_dict())
             else:
                 yield from self._handle(event)
@@ -487,23 +494,8 @@ class _TurnState:
         yield event
         if isinstance(event, Heard):
             self.heard += event.text
-        elif isinstance(event, Units) and self.vocoder is not None:
-            self.pending_units.extend(event.ids)
-            if len(self.pending_units) >= self.options.chunk_units:
-                yield from self._audio(self.vocoder.push(self.pending_units))
-                self.pending_units = []
-
-    def _flush_audio(self) -> Iterator[Event]:
-        if self.vocoder is None:
-            return
-        if self.pending_units:
-            yield from self._audio(self.vocoder.push(self.pending_units))
-            self.pending_units = []
-        yield from self._audio(self.vocoder.flush())
-
-    def _audio(self, pcm: np.ndarray) -> Iterator[Event]:
-        if len(pcm):
-            yield Audio(pcm.astype(np.float32, copy=False), self.pipeline.sample_rate)
+        elif isinstance(event, Units) and self.speaker is not None:
+            yield from self.speaker.feed(event.ids)
 
     def _turn(self, reason: str) -> Turn | None:
         """The exchange for the history: only a finished answer (eoa or eos) is kept."""

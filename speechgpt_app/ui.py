@@ -32,6 +32,7 @@ import torch
 from speechgpt_app import __version__
 from speechgpt_app.bundle import BundleError
 from speechgpt_app.events import Accumulator, Audio, Event, Notice
+from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.loaders import MissingWeightsError, ModelNameError
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.pipeline import Options, Pipeline, Timings
@@ -219,14 +220,17 @@ class ChatApp:
         if output_mode not in OUTPUT_MODES:
             raise gr.Error(f"Unknown output mode {output_mode!r}; choose one of {', '.join(OUTPUT_MODES)}.")
         try:
-            return Options(
-                task=TASKS[task],  # type: ignore[arg-type]  # a key of TASKS, checked above
-                output=OUTPUT_MODES[output_mode],  # type: ignore[arg-type]
+            sampling = SamplingOptions(
                 temperature=float(temperature),
                 top_p=float(top_p),
                 top_k=int(top_k),
                 max_new_tokens=int(max_new_tokens),
                 seed=secrets.randbelow(2**31) if seed is None else int(seed),
+            )
+            return Options(
+                sampling,
+                task=TASKS[task],  # type: ignore[arg-type]  # a key of TASKS, checked above
+                output=OUTPUT_MODES[output_mode],  # type: ignore[arg-type]
                 assistant_prefix=assistant_prefix,
             )
         except ValueError as exc:
@@ -696,11 +700,11 @@ def _layout(model_md: str, defaults: Options, max_tokens: int, model_info: str, 
         export_file = gr.File(label="Conversation JSON", interactive=False, visible=False, elem_id="export-file")
     with gr.Accordion("Settings", open=False):
         with gr.Row():
-            temperature = gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p")
-            top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top-k (0: off)")
+            temperature = gr.Slider(0.0, 2.0, defaults.sampling.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, defaults.sampling.top_p, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, defaults.sampling.top_k, step=1, label="Top-k (0: off)")
         with gr.Row():
-            max_new = gr.Slider(16, max_tokens, min(defaults.max_new_tokens, max_tokens), step=1, label="Max new tokens")
+            max_new = gr.Slider(16, max_tokens, min(defaults.sampling.max_new_tokens, max_tokens), step=1, label="Max new tokens")
             seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed (empty: random)")
             output_mode = gr.Radio(list(OUTPUT_MODES), value="Speech + text", label="Output")
         gr.Textbox(model_info, label="Model", lines=info_lines, interactive=False, elem_id="model-info")
@@ -756,7 +760,7 @@ def build_ui(
     description = pipeline.description if pipeline is not None else f"not available: {unavailable}"
     details = pipeline.public_details if pipeline is not None else {}  # no local paths on a public page
     defaults = pipeline.default_options if pipeline is not None else Options()
-    max_tokens = pipeline.context_length if pipeline is not None else defaults.max_new_tokens
+    max_tokens = pipeline.context_length if pipeline is not None else defaults.sampling.max_new_tokens
     handlers = Handlers(app, defaults, description, details, gpu or (lambda fn: fn))
     model_md = f"**Model:** {description}" + (f"  \n⚠️ **{label}**" if label else "")
     model_info = "\n".join(f"{key}: {value}" for key, value in details.items()) or description

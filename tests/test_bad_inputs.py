@@ -19,6 +19,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from speechgpt_app.audio import SAMPLE_RATE, AudioError, load_audio
+from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.pipeline import Options, Pipeline
 
 QUESTION = known_questions()[0]
@@ -64,7 +65,7 @@ def pipeline() -> Pipeline:
 
 
 def test_every_case_through_the_pipeline_api(pipeline: Pipeline, corpus: dict[str, Path]) -> None:
-    options = Options(output="text", **GREEDY)
+    options = Options(SamplingOptions(**GREEDY), output="text")
     for case in CASES:
         if case.expect.kind is not None:
             with pytest.raises(AudioError) as err:

@@ -20,6 +20,7 @@ from scripted import LABEL, load_scripted, make_scripted_bundle
 
 from speechgpt_app.audio import AudioError
 from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
+from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.parser import coalesce
 from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
@@ -28,7 +29,7 @@ from speechgpt_app.prompt import PromptError, assistant_prefix_for, format_excha
 HEARD = "unless a system is established"
 ANSWER = "Yes, a formal review."
 UNITS = (3, 7, 12, 40, 1, 22, 9, 30, 5, 17, 44, 2, 8)
-GREEDY = Options(do_sample=False)
+GREEDY = Options(SamplingOptions(do_sample=False))
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +98,7 @@ def test_spoken_turn_exact_events_and_audio(pipeline, lj_wav, tmp_path):
 
 
 def test_sampling_settings_do_not_change_a_scripted_answer(pipeline, lj_wav, tmp_path):
-    events = list(pipeline.respond(audio=lj_wav, options=Options(seed=3, temperature=1.3, chunk_units=3)))
+    events = list(pipeline.respond(audio=lj_wav, options=Options(SamplingOptions(seed=3, temperature=1.3), chunk_units=3)))
     check_spoken_turn(pipeline, events, tmp_path)
 
 
@@ -190,13 +191,13 @@ def test_second_turn_carries_the_first_as_history(pipeline, lj_wav, jfk_flac):
 
 def test_long_history_is_trimmed_with_a_notice(pipeline, lj_wav):
     turn = list(pipeline.respond(audio=lj_wav))[-1].turn
-    events = list(pipeline.respond(audio=lj_wav, history=[turn] * 12, options=Options(max_new_tokens=200)))
+    events = list(pipeline.respond(audio=lj_wav, history=[turn] * 12, options=Options(SamplingOptions(max_new_tokens=200))))
     assert any(isinstance(e, Notice) for e in events[: first(events, Heard)])
     assert events[-1].reason == "eoa"
 
 
 def test_max_tokens_reason(pipeline, lj_wav):
-    events = list(pipeline.respond(audio=lj_wav, options=Options(max_new_tokens=5, min_new_tokens=0)))
+    events = list(pipeline.respond(audio=lj_wav, options=Options(SamplingOptions(max_new_tokens=5, min_new_tokens=0))))
     end = events[-1]
     assert end.reason == "max_tokens" and end.turn is None
     assert any("<eoa>" in p for p in end.problems)
@@ -212,7 +213,7 @@ def test_bad_input_raises_before_any_event(pipeline, tmp_path):
     with pytest.raises(PromptError):
         pipeline.respond(text="   ")
     with pytest.raises(ValueError):
-        Options(temperature=-1)
+        Options(SamplingOptions(temperature=-1))
     with pytest.raises(ValueError):
         Options(task="speak", output="text")
 
@@ -301,7 +302,7 @@ def test_one_turn_at_a_time(pipeline, lj_wav):
 def test_default_options_are_the_released_settings(pipeline):
     # REFERENCE.md §4 by hand; a bundle without `generation` overrides (as the speechgpt-7b preset) keeps them.
     want = (True, 0.7, 0.8, 50, 2048, 10)
-    for o in (Options(), pipeline.default_options):
+    for o in (Options().sampling, pipeline.default_options.sampling):
         assert (o.do_sample, o.temperature, o.top_p, o.top_k, o.max_new_tokens, o.min_new_tokens) == want
 
 
@@ -315,8 +316,8 @@ def test_bundle_generation_defaults_and_bad_values(bundle, tmp_path):
     raw = json.loads((copy / BUNDLE_FILE).read_text())
     (copy / BUNDLE_FILE).write_text(json.dumps({**raw, "generation": {"temperature": 0.3, "top_k": 5}}))
     tuned = Pipeline.load(copy, quant="none", device="cpu", precision="fp32")
-    assert (tuned.default_options.temperature, tuned.default_options.top_k) == (0.3, 5)
-    assert tuned.default_options.top_p == Options().top_p  # the rest stay the released defaults
+    assert (tuned.default_options.sampling.temperature, tuned.default_options.sampling.top_k) == (0.3, 5)
+    assert tuned.default_options.sampling.top_p == SamplingOptions().top_p  # the rest stay the released defaults
     (copy / BUNDLE_FILE).write_text(json.dumps({**raw, "generation": {"temperature": -1.0}}))
     with pytest.raises(BundleError, match="temperature"):
         Pipeline.load(copy, quant="none", device="cpu", precision="fp32")
@@ -352,7 +353,7 @@ def test_the_core_knows_no_scripted_model(bundle, lj_wav):
         assert "import scripted" not in text and "script.json" not in text and "speechgpt_app.scripted" not in text, source
     plain = Pipeline.load(bundle, quant="none", device="cpu", precision="fp32")
     assert plain.logits_hook is None
-    events = list(plain.respond(audio=lj_wav, options=Options(output="text", max_new_tokens=30, do_sample=False)))
+    events = list(plain.respond(audio=lj_wav, options=Options(SamplingOptions(max_new_tokens=30, do_sample=False), output="text")))
     assert events[-1].turn is None or events[-1].turn.heard != HEARD  # unforced, the random model says other words
 
 
@@ -389,7 +390,7 @@ def test_any_token_stream_ends_the_turn_plainly_with_units_in_range(pipeline, da
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pipeline, "logits_hook", forcing(stream, tokenizer.eos_token_id))
-        options = Options(output=output, max_new_tokens=budget, min_new_tokens=0, seed=0)
+        options = Options(SamplingOptions(max_new_tokens=budget, min_new_tokens=0, seed=0), output=output)
         events = list(pipeline.respond(text="what is two plus two", options=options))
     ends = [e for e in events if isinstance(e, End)]
     assert len(ends) == 1 and events[-1] is ends[0]
@@ -409,7 +410,7 @@ def test_out_of_range_units_are_dropped_and_counted(pipeline):
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pipeline, "logits_hook", forcing(stream, tokenizer.eos_token_id))
-        events = list(pipeline.respond(text="what is two plus two", options=Options(seed=0)))
+        events = list(pipeline.respond(text="what is two plus two", options=Options(SamplingOptions(seed=0))))
     assert parsed(events) == [Heard("what"), Answer("this"), Units((3, 5))]
     end = events[-1]
     assert end.reason == "eoa" and end.problems == ("dropped 2 units outside the vocabulary (0-49)",)

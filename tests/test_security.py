@@ -20,6 +20,7 @@ import httpx
 import pytest
 from app_helpers import GREEDY, REPO, TINY, load_app_module, running_app
 
+from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.pipeline import Options, Pipeline
 
 SOURCES = sorted([*REPO.glob("speechgpt_app/*.py"), *REPO.glob("training/**/*.py"), REPO / "app.py"])
@@ -63,7 +64,7 @@ def test_user_text_is_never_read_as_a_file_path(tmp_path: Path) -> None:
     secret.write_bytes(b"not for the model")
     pipeline = Pipeline.load(str(TINY))
     for text in (str(secret), "/etc/passwd", "file:///etc/passwd", "../../etc/passwd"):
-        request = pipeline.prepare(text=text, options=Options(output="text", **GREEDY))
+        request = pipeline.prepare(text=text, options=Options(SamplingOptions(**GREEDY), output="text"))
         assert text in request.user and "not for the model" not in request.prompt  # the words, not the file
 
 

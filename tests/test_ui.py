@@ -324,7 +324,7 @@ def test_default_model_is_the_shipped_speechgpt_tiny_with_its_domain_notice(monk
     app = load_app_module()
     pipeline, why = app.load_pipeline(None, None)
     assert why is None and pipeline.bundle_dir == DEFAULT_MODEL and "domain" in pipeline.warning
-    assert pipeline.default_options.temperature == 0.0  # greedy, as it was evaluated
+    assert pipeline.default_options.sampling.temperature == 0.0  # greedy, as it was evaluated
     demo = app.create_app()
     texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
     assert any(isinstance(t, str) and "speechgpt-tiny" in t for t in texts)

@@ -167,6 +167,7 @@ def spoken_turn(
     if quant == "int4":
         need("torchao")
     from speechgpt_app.events import Audio, End, Heard
+    from speechgpt_app.generate import SamplingOptions
     from speechgpt_app.pipeline import Options, Pipeline, Timings
 
     _reset_peak(device)
@@ -178,7 +179,7 @@ def spoken_turn(
     for turn in range(turns):
         timings, heard, audio = Timings(), "", 0
         end = None
-        for event in pipe.respond(audio=str(sample), options=Options(seed=0)):
+        for event in pipe.respond(audio=str(sample), options=Options(SamplingOptions(seed=0))):
             timings.observe(event)
             if isinstance(event, Heard):
                 heard += event.text

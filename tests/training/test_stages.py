@@ -126,14 +126,15 @@ def test_exported_model_greedily_reproduces_a_training_transcript(chain: Chain, 
 
 
 def test_pipeline_loads_the_bundle_and_answers(chain: Chain, corpus: Path, lj_wav: Path) -> None:
+    from speechgpt_app.generate import SamplingOptions
     from speechgpt_app.pipeline import Options, Pipeline
 
     pipe = Pipeline.load(str(chain.bundle), quant="none", device="cpu", precision="fp32")
     entry, _, _ = _asr_record(chain, corpus)
-    heard = list(pipe.respond(audio=entry.audio, options=Options(task="transcribe", output="text", do_sample=False, max_new_tokens=60)))
+    heard = list(pipe.respond(audio=entry.audio, options=Options(SamplingOptions(do_sample=False, max_new_tokens=60), task="transcribe", output="text")))
     assert isinstance(heard[-1], End) and heard[-1].reason != "error", heard[-1]
     assert "".join(e.text for e in heard if isinstance(e, Heard)).strip() == entry.text
-    spoken = list(pipe.respond(audio=str(lj_wav), options=Options(max_new_tokens=40, seed=0)))
+    spoken = list(pipe.respond(audio=str(lj_wav), options=Options(SamplingOptions(max_new_tokens=40, seed=0))))
     assert isinstance(spoken[-1], End) and spoken[-1].reason != "error", spoken[-1]
 
 
