@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechgpt_app.audio import SAMPLE_RATE
 from speechgpt_app.units import HubertFeatures, SpeechConfig, SpeechTokenizer
 from speechgpt_app.vocoder import (
     VOCODER_SUBDIR,
@@ -354,6 +355,37 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
     return layers
 
 
+# fairseq model settings this converter does not implement, with the value it does (the default): a
+# checkpoint that sets another value is refused by name rather than converted into something else.
+_UNIMPLEMENTED: dict[str, Any] = {
+    "pos_conv_depth": 1,  # data2vec/wav2vec2-style stacked positional convs
+    "conv_pos_batch_norm": False,
+    "layer_type": "transformer",  # conformer encoders
+}
+
+
+def _refuse_unimplemented(m: Mapping[str, Any]) -> None:
+    for key in _UNIMPLEMENTED:
+        if key in m and m[key] is not None and m[key] != _UNIMPLEMENTED[key]:
+            raise ConvertError(
+                f"fairseq setting model.{key}={m[key]!r} is not supported (only {_UNIMPLEMENTED[key]!r})"
+            )
+
+
+def task_normalize(cfg: Mapping[str, Any]) -> bool:
+    """fairseq's task.normalize: whether the model reads layer-normalised waveforms (HuBERT large).
+    A task that reads another sample rate than 16 kHz is refused."""
+    task = cfg.get("task") if isinstance(cfg, Mapping) else None
+    task = task if isinstance(task, Mapping) else {}
+    rate = task.get("sample_rate", SAMPLE_RATE)
+    if rate is not None and int(rate) != SAMPLE_RATE:
+        raise ConvertError(f"fairseq task.sample_rate={rate} is not supported (only {SAMPLE_RATE})")
+    normalize = task.get("normalize", False)
+    if not isinstance(normalize, bool):
+        raise ConvertError(f"fairseq task.normalize must be true or false, got {normalize!r}")
+    return normalize
+
+
 def hubert_config_from_fairseq(cfg: Mapping[str, Any]) -> Any:
     """transformers.HubertConfig with the architecture in fairseq's cfg["model"] (no base sizes assumed)."""
     from transformers import HubertConfig
@@ -370,8 +402,7 @@ def hubert_config_from_fairseq(cfg: Mapping[str, Any]) -> Any:
     mode = m.get("extractor_mode", "default")
     if mode not in modes:
         raise ConvertError(f"extractor_mode {mode!r} is not one of {sorted(modes)}")
-    if int(m.get("pos_conv_depth", 1)) != 1 or m.get("conv_pos_batch_norm"):
-        raise ConvertError("positional convs with depth > 1 or batch norm (data2vec/wav2vec2 variants) are not supported")
+    _refuse_unimplemented(m)
     conv = parse_conv_layers(m["conv_feature_layers"])
     return HubertConfig(
         hidden_size=int(m["encoder_embed_dim"]),
@@ -457,7 +488,12 @@ def write_speech_dir(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     cfg, sd = load_fairseq_checkpoint(hubert_pt)
-    features = HubertFeatures(hubert_model_from_fairseq(cfg, sd), layer=layer)
+    model = hubert_model_from_fairseq(cfg, sd)
+    n_layers = model.config.num_hidden_layers
+    if not (isinstance(layer, int) and 1 <= layer <= n_layers):
+        raise ConvertError(f"--layer {layer} is out of range: this HuBERT has layers 1 to {n_layers}")
+    normalize = task_normalize(cfg)
+    features = HubertFeatures(model, layer=layer, normalize=normalize)
     centres = load_kmeans_centres(kmeans_bin)
     if centres.shape[1] != features.dim:
         raise ConvertError(f"k-means centres have dim {centres.shape[1]} but HuBERT features have dim {features.dim}")
@@ -467,7 +503,9 @@ def write_speech_dir(
     if voc_cfg.num_embeddings != centres.shape[0]:
         raise ConvertError(f"the vocoder knows {voc_cfg.num_embeddings} units but k-means has {centres.shape[0]}")
     tokenizer = SpeechTokenizer(
-        SpeechConfig(n_units=centres.shape[0], features={"type": "hubert", "layer": layer}), features, centres
+        SpeechConfig(n_units=centres.shape[0], features={"type": "hubert", "layer": layer, "normalize": normalize}),
+        features,
+        centres,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -303,11 +303,23 @@ class _Decoder:
 
     def logits(self) -> torch.Tensor:
         """Run the pending ids; the float32 logits of the next token, on the CPU."""
-        input_ids = torch.tensor([self.pending], dtype=torch.long, device=self.device)
-        self.pending = []
+        ids, self.pending = self.pending, []
+        logits = self.step(ids[0]) if len(ids) == 1 else self.prefill(ids)
+        return logits.float().cpu()
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Many ids in one forward pass (the prompt, a forced continuation); the last one's logits."""
+        return self._forward(torch.tensor([list(ids)], dtype=torch.long, device=self.device))
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """One generated token: the per-token decode step, the part a static cache and a CUDA graph
+        would speed up (its input always has shape [1, 1])."""
+        return self._forward(torch.tensor([[token_id]], dtype=torch.long, device=self.device))
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float().cpu()
+        return out.logits[0, -1]
 
     def crop(self, n_answer: int) -> None:
         """Forget everything after the first `n_answer` answer ids."""

@@ -34,14 +34,18 @@ from speechgpt_app.audio import SAMPLE_RATE
 SOSP = "<sosp>"
 EOSP = "<eosp>"
 
-SCHEMA_VERSION = 1
+# 2 added features.normalize (hubert); a version-1 speech.json reads as normalize = false.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 SPEECH_JSON = "speech.json"
 CENTRES_FILE = "centres.safetensors"
 CENTRES_KEY = "centres"
 FEATURES_DIR = "features"  # the HubertModel's save_pretrained directory, inside the speech dir
 
-# The released system: mHuBERT layer 11 (1-based, fairseq's output_layer), chunks of 100 s at 16 kHz.
-HUBERT_DEFAULTS: dict[str, Any] = {"type": "hubert", "layer": 11, "chunk_samples": 1_600_000}
+# The released system: mHuBERT layer 11 (1-based, fairseq's output_layer), chunks of 100 s at 16 kHz,
+# raw waveforms. `normalize` (a checkpoint whose task set normalize=True, e.g. HuBERT large): the whole
+# utterance is layer-normalised before chunking, as fairseq's feature reader does.
+HUBERT_DEFAULTS: dict[str, Any] = {"type": "hubert", "layer": 11, "chunk_samples": 1_600_000, "normalize": False}
 # Small models: 80 mel bands up to Nyquist, 64 ms windows, hop 320 samples = 20 ms = 50 frames/s at
 # 16 kHz, the same frame rate as HuBERT, so unit rates and the vocoder's hop (320) agree.
 LOGMEL_DEFAULTS: dict[str, Any] = {
@@ -151,10 +155,10 @@ class SpeechConfig:
     features: dict[str, Any] = field(default_factory=lambda: dict(HUBERT_DEFAULTS))
 
     def __post_init__(self) -> None:
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(
                 f"speech.json has schema_version {self.schema_version}; this version of speechgpt_app "
-                f"reads schema_version {SCHEMA_VERSION}"
+                f"reads schema_version {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
             )
         if self.sample_rate != SAMPLE_RATE:
             # Every input path (audio.load_audio) delivers 16 kHz; a different rate would be misread.
@@ -200,6 +204,10 @@ def _complete_features(features: dict[str, Any]) -> dict[str, Any]:
     for key, default in defaults.items():
         value = full[key]
         if key == "type":
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"features.{key} must be true or false, got {value!r}")
             continue
         if isinstance(default, int) and not (_is_int(value) and value > 0):
             raise ValueError(f"features.{key} must be a positive integer, got {value!r}")
@@ -284,16 +292,19 @@ class FeatureExtractor(Protocol):
 
 
 class HubertFeatures:
-    """Layer-`layer` hidden states of a transformers HubertModel (post-LN, as mHuBERT base).
+    """Layer-`layer` outputs of a transformers HubertModel: fairseq's `extract_features(...,
+    output_layer=layer)` as fairseq's feature reader calls it (simple_kmeans/dump_hubert_feature.py).
 
-    Why this equals fairseq's `extract_features(..., output_layer=layer)`: both run the conv stack
-    (GroupNorm over the whole time axis in the first layer), LayerNorm + projection, add the
-    weight-normed conv positional embedding, apply the encoder LayerNorm (post-LN models normalise
-    before the first layer), then `layer` post-LN transformer layers; fairseq stops after layer
-    `layer` and transformers' `hidden_states[layer]` is that same layer's output. Running only the
-    first `layer` layers therefore gives the same tensor, so the model is truncated for speed.
-    (fairseq may zero-pad the frame axis to a multiple of 2 with a key padding mask; masked keys
-    contribute nothing, so the result agrees to float rounding.)
+    Why this equals fairseq: both run the conv stack (GroupNorm over the whole time axis in the first
+    layer, or a LayerNorm in every layer for extractor_mode=layer_norm), LayerNorm + projection, add the
+    weight-normed conv positional embedding, then the transformer layers. A post-LN model (mHuBERT base)
+    applies the encoder LayerNorm before the first layer; a pre-LN model (layer_norm_first, HuBERT large
+    and xlarge) applies it after the last one, and fairseq, stopping at `output_layer`, never applies it.
+    So the output of layer `layer` itself is read (a forward hook), never `last_hidden_state`, which a
+    pre-LN model has normalised. Layers past `layer` are dropped for speed. (fairseq may zero-pad the
+    frame axis to a multiple of 2 with a key padding mask; masked keys contribute nothing, so the result
+    agrees to float rounding.) With `normalize`, the whole utterance is layer-normalised first, before
+    any chunking, as the reader does for a task with normalize=True.
     """
 
     def __init__(
@@ -302,29 +313,31 @@ class HubertFeatures:
         layer: int,
         chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"],
         device: str | torch.device = "cpu",
+        normalize: bool = HUBERT_DEFAULTS["normalize"],
     ) -> None:
         config = model.config
-        if config.do_stable_layer_norm or config.feat_extract_norm != "group":
-            raise ValueError(
-                "HubertFeatures supports post-LN HuBERT (feat_extract_norm='group', "
-                "do_stable_layer_norm=False), as mHuBERT base; this model is configured otherwise"
-            )
         if not (_is_int(layer) and 1 <= layer <= config.num_hidden_layers):
             raise ValueError(f"layer must be in 1..{config.num_hidden_layers}, got {layer!r}")
         if not (_is_int(chunk_samples) and chunk_samples > 0):
             raise ValueError(f"chunk_samples must be a positive integer, got {chunk_samples!r}")
-        # Layers past `layer` never influence hidden_states[layer]: drop them (and say so in the
-        # config, so that save() writes a self-consistent model).
+        # Layers past `layer` never influence its output: drop them (and say so in the config, so that
+        # save() writes a self-consistent model).
         model.encoder.layers = model.encoder.layers[:layer]
         config.num_hidden_layers = layer
         self.device = torch.device(device)
         self.model = model.to(self.device, torch.float32).eval()
         self.layer = layer
         self.chunk_samples = chunk_samples
+        self.normalize = normalize
         self.dim = int(config.hidden_size)
         self.hop = math.prod(config.conv_stride)
         self.frame_rate = SAMPLE_RATE / self.hop
         self.receptive_field = _receptive_field(config.conv_kernel, config.conv_stride)
+        self._layer_output: torch.Tensor | None = None
+        self.model.encoder.layers[-1].register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: Any, args: Any, output: Any) -> None:
+        self._layer_output = output[0] if isinstance(output, tuple) else output
 
     @classmethod
     def from_pretrained(
@@ -333,6 +346,7 @@ class HubertFeatures:
         layer: int,
         chunk_samples: int = HUBERT_DEFAULTS["chunk_samples"],
         device: str | torch.device = "cpu",
+        normalize: bool = HUBERT_DEFAULTS["normalize"],
     ) -> HubertFeatures:
         """Load a HubertModel saved with `save_pretrained` (config.json + model.safetensors)."""
         from transformers import HubertModel
@@ -344,22 +358,26 @@ class HubertFeatures:
                 "written by save_pretrained; `python -m speechgpt_app convert` builds it)"
             )
         model = HubertModel.from_pretrained(features_dir, dtype=torch.float32)
-        return cls(model, layer=layer, chunk_samples=chunk_samples, device=device)
+        return cls(model, layer=layer, chunk_samples=chunk_samples, device=device, normalize=normalize)
 
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
-        """float32 [N] at 16 kHz, not normalised -> [T, dim] on the CPU; one utterance, chunk by chunk."""
+        """float32 [N] at 16 kHz -> [T, dim] on the CPU; one utterance, chunk by chunk."""
         if wav.shape[0] < self.receptive_field:
             raise ValueError(
                 f"audio of {wav.shape[0]} samples is shorter than one HuBERT frame ({self.receptive_field} samples)"
             )
         outputs = []
         with torch.inference_mode():
+            if self.normalize:
+                wav = torch.nn.functional.layer_norm(wav.to(torch.float32), wav.shape)
             for chunk in torch.split(wav, self.chunk_samples):
                 # A tail shorter than the conv stack's receptive field yields no whole frame.
                 if chunk.shape[0] < self.receptive_field:
                     continue
-                hidden = self.model(chunk[None].to(self.device, torch.float32)).last_hidden_state
-                outputs.append(hidden[0].cpu())
+                self.model(chunk[None].to(self.device, torch.float32))
+                assert self._layer_output is not None  # set by the hook on layer `layer`
+                outputs.append(self._layer_output[0].cpu())
+                self._layer_output = None
         return torch.cat(outputs)
 
     def save(self, speech_dir: Path) -> None:

@@ -28,6 +28,7 @@ from speechgpt_app.convert import (
     load_kmeans_centres,
     parse_conv_layers,
     safe_torch_load,
+    task_normalize,
     write_speech_dir,
 )
 from speechgpt_app.vocoder import CodeHiFiGAN, Vocoder, VocoderConfig
@@ -285,6 +286,21 @@ def test_hubert_config_follows_the_cfg() -> None:
         hubert_config_from_fairseq({"model": {k: v for k, v in HUBERT_MODEL_CFG.items() if k != "encoder_layers"}})
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("layer_type", "conformer"), ("pos_conv_depth", 5), ("conv_pos_batch_norm", True)]
+)
+def test_unimplemented_settings_are_refused_by_name(setting: str, value: object) -> None:
+    with pytest.raises(ConvertError, match=f"model.{setting}="):
+        hubert_config_from_fairseq({"model": {**HUBERT_MODEL_CFG, setting: value}})
+
+
+def test_task_normalize_and_rate() -> None:
+    assert task_normalize({"task": {"normalize": True}}) is True
+    assert task_normalize({"task": {"normalize": False}}) is False and task_normalize({}) is False
+    with pytest.raises(ConvertError, match="sample_rate=8000"):
+        task_normalize({"task": {"sample_rate": 8000}})
+
+
 def test_hubert_weights_load_strictly_and_keep_fairseq_math() -> None:
     sd = fairseq_hubert_state_dict(seed=4)
     model = hubert_model_from_fairseq({"model": HUBERT_MODEL_CFG}, sd)
@@ -359,6 +375,10 @@ def test_cli_converts_local_files(released: dict[str, Path], tmp_path: Path, cap
     assert (tmp_path / "s" / "speech.json").is_file()
     assert cli.main(args) == 1
     assert "--out" in capsys.readouterr().err
+    # A layer the checkpoint does not have (the default 11 on a smaller model): one plain line, status 1.
+    assert cli.main([*args, "--out", str(tmp_path / "t"), "--layer", "40"]) == 1
+    err = capsys.readouterr().err
+    assert "--layer 40 is out of range" in err and "Traceback" not in err and not (tmp_path / "t").exists()
 
 
 def test_cli_without_files_uses_the_cache(released: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -122,15 +122,27 @@ def test_dedup_properties(ids: list[int]) -> None:
 
 def test_speech_config_defaults_and_round_trip(tmp_path: Path) -> None:
     cfg = SpeechConfig(n_units=1000, features={"type": "hubert"})
-    assert cfg.features == HUBERT_DEFAULTS and cfg.sample_rate == SAMPLE_RATE and cfg.schema_version == 1
+    assert cfg.features == HUBERT_DEFAULTS and cfg.sample_rate == SAMPLE_RATE and cfg.schema_version == 2
     write_speech_config(tmp_path, cfg)
     assert json.loads((tmp_path / "speech.json").read_text()) == {
-        "schema_version": 1,
+        "schema_version": 2,
         "sample_rate": 16000,
         "n_units": 1000,
-        "features": {"type": "hubert", "layer": 11, "chunk_samples": 1_600_000},
+        "features": {"type": "hubert", "layer": 11, "chunk_samples": 1_600_000, "normalize": False},
     }
     assert read_speech_config(tmp_path) == cfg
+
+
+def test_speech_json_version_1_still_loads(tmp_path: Path) -> None:
+    # Version 1 (before features.normalize) is what every speech directory written before it holds.
+    old = {"schema_version": 1, "sample_rate": 16000, "n_units": 30,
+           "features": {"type": "hubert", "layer": 3, "chunk_samples": 1_600_000}}  # fmt: skip
+    (tmp_path / "speech.json").write_text(json.dumps(old))
+    cfg = read_speech_config(tmp_path)
+    assert cfg.schema_version == 1 and cfg.features["normalize"] is False and cfg.features["layer"] == 3
+    (tmp_path / "speech.json").write_text(json.dumps({**old, "schema_version": 3}))
+    with pytest.raises(ValueError, match="schema_version 3"):
+        read_speech_config(tmp_path)
     logmel = SpeechConfig(n_units=64, features={"type": "logmel", "n_mels": 40})
     assert logmel.features == {**LOGMEL_DEFAULTS, "n_mels": 40}
     write_speech_config(tmp_path / "b", logmel)
@@ -147,8 +159,9 @@ def test_speech_config_defaults_and_round_trip(tmp_path: Path) -> None:
         {"n_units": 10, "features": {"type": "logmel", "hop_length": 320.5}},
         {"n_units": 10, "features": {"type": "logmel", "f_max": "8k"}},
         {"n_units": 10, "features": {"type": "logmel", "f_min": True}},
+        {"n_units": 10, "features": {"type": "hubert", "normalize": 1}},
         {"n_units": 10, "features": {"type": "logmel"}, "sample_rate": 22050},
-        {"n_units": 10, "features": {"type": "logmel"}, "schema_version": 2},
+        {"n_units": 10, "features": {"type": "logmel"}, "schema_version": 3},
     ],
 )
 def test_speech_config_rejects(kwargs: dict) -> None:
@@ -302,8 +315,9 @@ def test_logmel_tone_lands_in_its_band() -> None:
 # --- HuBERT -------------------------------------------------------------------------------------
 
 
-def tiny_hubert(layers: int = 4, seed: int = 0) -> HubertModel:
-    """A random post-LN HuBERT with non-default small sizes (hop 320, receptive field 400 as the base)."""
+def tiny_hubert(layers: int = 4, seed: int = 0, pre_ln: bool = False) -> HubertModel:
+    """A random HuBERT with non-default small sizes (hop 320, receptive field 400 as the base): post-LN
+    with a group-norm extractor (mHuBERT base), or pre-LN with layer-norm convs (HuBERT large)."""
     config = HubertConfig(
         hidden_size=48,
         num_hidden_layers=layers,
@@ -312,8 +326,8 @@ def tiny_hubert(layers: int = 4, seed: int = 0) -> HubertModel:
         conv_dim=(24,) * 7,
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4,
-        feat_extract_norm="group",
-        do_stable_layer_norm=False,
+        feat_extract_norm="layer" if pre_ln else "group",
+        do_stable_layer_norm=pre_ln,
     )
     torch.manual_seed(seed)
     return HubertModel(config).eval()
@@ -363,13 +377,37 @@ def test_chunking(lj_wav: Path) -> None:
     assert whole.shape[0] == hubert_frames(len(wav)) and whole.shape != got.shape
 
 
+def test_pre_ln_reads_the_layer_output_not_the_final_norm(lj_wav: Path) -> None:
+    # fairseq stops at output_layer and never applies a pre-LN encoder's final LayerNorm (the fixtures
+    # in test_fairseq_exactness prove it against fairseq); transformers' last_hidden_state applies it.
+    model = tiny_hubert(pre_ln=True)
+    wav = torch.from_numpy(load_audio(lj_wav))[:32000]
+    with torch.inference_mode():
+        normed = model(wav[None]).last_hidden_state[0]
+    got = HubertFeatures(copy.deepcopy(model), layer=4)(wav)
+    assert not torch.allclose(got, normed, atol=1e-3)
+    assert torch.allclose(model.encoder.layer_norm(got), normed, atol=1e-5)
+    inner = HubertFeatures(copy.deepcopy(model), layer=2)(wav)
+    assert torch.allclose(inner, full_hidden_states(model, wav)[2][0], atol=1e-6)
+
+
+def test_normalize_is_over_the_whole_utterance_before_chunking(lj_wav: Path) -> None:
+    # A layer-norm extractor (HuBERT large) sees the waveform's scale; a group-norm one normalises it away.
+    model = tiny_hubert(pre_ln=True)
+    wav = torch.from_numpy(load_audio(lj_wav))[:48000] * 0.3 + 0.01
+    got = HubertFeatures(copy.deepcopy(model), layer=2, chunk_samples=16000, normalize=True)(wav)
+    normed = (wav - wav.mean()) / torch.sqrt(wav.var(unbiased=False) + 1e-5)
+    want = HubertFeatures(copy.deepcopy(model), layer=2, chunk_samples=16000)(normed)
+    assert torch.allclose(got, want, atol=1e-5)
+    per_chunk = torch.cat([(c - c.mean()) / torch.sqrt(c.var(unbiased=False) + 1e-5) for c in wav.split(16000)])
+    assert not torch.allclose(got, HubertFeatures(copy.deepcopy(model), layer=2, chunk_samples=16000)(per_chunk), atol=1e-3)
+    raw = HubertFeatures(copy.deepcopy(model), layer=2, chunk_samples=16000)(wav)
+    assert not torch.allclose(got, raw, atol=1e-3)
+
+
 def test_hubert_rejects_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="layer"):
         HubertFeatures(tiny_hubert(), layer=5)
-    pre_ln = tiny_hubert()
-    pre_ln.config.do_stable_layer_norm = True
-    with pytest.raises(ValueError, match="post-LN"):
-        HubertFeatures(pre_ln, layer=2)
     with pytest.raises(ValueError, match="shorter"):
         HubertFeatures(tiny_hubert(), layer=2)(torch.zeros(399))
 

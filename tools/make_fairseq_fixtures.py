@@ -25,6 +25,10 @@ install on Python 3.11+.) It takes about half a minute on 2 cores and writes, in
                              4 heads, FFN 192, a 5-layer conv stack of 64 channels (total stride 320),
                              conv_pos 16 / 4 groups, group-norm extractor
     hubert_tiny_L2_km50.bin  scikit-learn MiniBatchKMeans (50 clusters) fit on layer-2 features, joblib.dump
+    hubert_preln.pt          the same sizes in HuBERT large's recipe: layer-norm conv extractor, pre-LN
+                             layers (layer_norm_first), task.normalize=true
+    hubert_preln_outputs.safetensors  its features (inputs layer-normalised whole, as fairseq's reader
+                             does), chunked reads and units by the k-means above
     vocoder/g_00000100       CodeHiFiGAN generator, torch.save({"generator": state_dict}), legacy
                              weight-norm keys; upsample rates 8,5,4,2 (hop 320), 2 resblock kernels
     vocoder/config.json      its fairseq/speech-resynthesis config
@@ -125,6 +129,14 @@ HUBERT_OVERRIDES = (
     "distributed_training.distributed_world_size=1",
     "checkpoint.save_dir=checkpoints",
 )
+# The HuBERT large/xlarge recipe on the same small sizes: a layer-norm conv extractor, pre-LN layers
+# (fairseq never applies their final LayerNorm at an output_layer) and a task reading layer-normalised
+# waveforms (normalize=true). Recorded after everything else, so the other fixtures do not change.
+PRELN_OVERRIDES = tuple(
+    {"task.normalize=false": "task.normalize=true", "model.extractor_mode=default": "model.extractor_mode=layer_norm",
+     "model.layer_norm_first=false": "model.layer_norm_first=true"}.get(o, o)
+    for o in HUBERT_OVERRIDES
+)  # fmt: skip
 FFN_WEIGHT_SCALE = 6.0  # see widen_encoder
 ATTENTION_WEIGHT_SCALE = 3.0
 
@@ -253,7 +265,7 @@ def widen_encoder(model) -> None:
             linear.weight.mul_(ATTENTION_WEIGHT_SCALE)
 
 
-def hubert_cfg():
+def hubert_cfg(overrides: tuple[str, ...] = HUBERT_OVERRIDES):
     """fairseq's full training config, composed by hydra exactly as fairseq-hydra-train does."""
     from fairseq.dataclass.initialize import add_defaults, hydra_init
     from fairseq.dataclass.utils import omegaconf_no_object_check
@@ -264,7 +276,7 @@ def hubert_cfg():
     # register_task/register_model add the groups); fairseq's own config.yaml is hydra-1.0 style.
     hydra_init("config")
     with initialize(version_base=None, config_path=None):
-        cfg = compose("config", overrides=list(HUBERT_OVERRIDES))
+        cfg = compose("config", overrides=list(overrides))
     add_defaults(cfg)
     with omegaconf_no_object_check():
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
@@ -272,13 +284,13 @@ def hubert_cfg():
     return cfg
 
 
-def save_hubert(path: Path, gen: torch.Generator) -> None:
+def save_hubert(path: Path, gen: torch.Generator, overrides: tuple[str, ...] = HUBERT_OVERRIDES) -> None:
     """Build a tiny random HubertModel and save it through fairseq's Trainer.save_checkpoint."""
     from fairseq import tasks
     from fairseq.data import Dictionary
     from fairseq.trainer import Trainer
 
-    cfg = hubert_cfg()
+    cfg = hubert_cfg(overrides)
     task = tasks.setup_task(cfg.task)
     # What HubertPretrainingTask.load_dictionaries would read from dict.km.txt: the k-means labels.
     dictionary = Dictionary()
@@ -321,6 +333,13 @@ def hubert_features(model, wav: np.ndarray, layer: int) -> np.ndarray:
     source = torch.from_numpy(wav)[None]
     feats, _ = model.extract_features(source=source, padding_mask=None, mask=False, output_layer=layer)
     return feats[0].numpy().astype(np.float32)
+
+
+def task_normalised(wav: np.ndarray) -> np.ndarray:
+    """What HubertFeatureReader.get_feats feeds the model when the task set normalize=True: the whole
+    utterance layer-normalised (F.layer_norm over its full length) before any slicing."""
+    x = torch.from_numpy(wav).float()
+    return torch.nn.functional.layer_norm(x, x.shape).numpy()
 
 
 @torch.no_grad()
@@ -484,6 +503,25 @@ def main(argv: list[str] | None = None) -> None:
             vocoder_out[f"{name}.{key}"] = rec[key]
     save_file(vocoder_out, str(out / "vocoder_outputs.safetensors"))
 
+    # HuBERT large's recipe, small: features of the normalised waveform, and units by the same k-means
+    # (the widths agree), so the converter's whole path is checked on it.
+    preln_path = out / "hubert_preln.pt"
+    save_hubert(preln_path, gen, PRELN_OVERRIDES)
+    preln = load_hubert(preln_path)
+    preln_out: dict[str, np.ndarray] = {}
+    for name, wav in inputs.items():
+        normed = task_normalised(wav)
+        for layer in FEATURE_LAYERS:
+            preln_out[f"{name}.layer{layer}"] = hubert_features(preln, normed, layer)
+        preln_out[f"{name}.layer{UNIT_LAYER}.chunked"] = hubert_features_chunked(preln, normed, UNIT_LAYER, CHUNK_SAMPLES)
+        frames = preln_out[f"{name}.layer{UNIT_LAYER}"]
+        margin = unit_margin(frames, km.cluster_centers_)
+        if margin < MIN_UNIT_MARGIN:
+            sys.exit(f"pre-LN {name}: a frame is within {margin:.2e} of a k-means tie; change SEED")
+        margins[f"preln.{name}"] = margin
+        preln_out[f"{name}.units"] = km.predict(frames).astype(np.int64)
+    save_file(preln_out, str(out / "hubert_preln_outputs.safetensors"))
+
     holds = {
         "inputs.safetensors": "float32 16 kHz mono waveforms fed to fairseq, keys "
         + ", ".join(inputs)
@@ -496,6 +534,11 @@ def main(argv: list[str] | None = None) -> None:
         f"output_layer=L) for L in {list(FEATURE_LAYERS)}; <input>.layer{UNIT_LAYER}.chunked: the same, "
         f"read in slices of {CHUNK_SAMPLES} samples as HubertFeatureReader does; <input>.units: int64 [T] "
         f"km.predict of layer {UNIT_LAYER}; <input>.dedup: int64 runs collapsed",
+        preln_path.name: "the same kind of checkpoint, HuBERT large's recipe on the small sizes: "
+        "extractor_mode=layer_norm, layer_norm_first=true, task.normalize=true",
+        "hubert_preln_outputs.safetensors": "as hubert_outputs.safetensors for hubert_preln.pt, every input "
+        "layer-normalised over its whole length first (HubertFeatureReader with normalize=True); "
+        f"<input>.units: the same k-means' predict of layer {UNIT_LAYER}",
         f"vocoder/{VOCODER_CHECKPOINT}": 'fairseq CodeGenerator state dict, torch.save({"generator": sd}), '
         "legacy weight-norm keys (weight_g / weight_v)",
         "vocoder/config.json": "the vocoder's config (fairseq/speech-resynthesis fields)",
@@ -518,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": {"everything": SEED},
         "hubert": {
             "overrides": list(HUBERT_OVERRIDES),
+            "preln_overrides": list(PRELN_OVERRIDES),
             "feature_layers": list(FEATURE_LAYERS),
             "unit_layer": UNIT_LAYER,
             "chunk_samples": CHUNK_SAMPLES,
