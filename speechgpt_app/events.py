@@ -8,6 +8,10 @@ turn compare equal whatever their timing.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -114,3 +118,51 @@ class Accumulator:
     def audio(self) -> np.ndarray:
         """All answer audio so far, float32 mono at `sample_rate`."""
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)
+
+
+UPDATE_INTERVAL_S = 0.05  # a page's token-by-token text updates are coalesced to at most 20 per second
+_DONE = object()
+
+
+def batched(events: Iterator[Event], interval_s: float = UPDATE_INTERVAL_S) -> Iterator[list[Event]]:
+    """Run `events` (a turn) in its own thread, so that it goes at its own pace, and yield what it made
+    in batches: at once for a new stage (the first event of another type), an audio chunk, a notice or
+    the end; otherwise at most every `interval_s`. An error of `events` is raised here, where the
+    batches are read, after the events made before it. A reader that stops early must stop the turn itself (its cancel flag): the
+    thread runs the turn to its end."""
+    out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def produce() -> None:
+        try:
+            for event in events:
+                out.put(event)
+        except BaseException as e:  # handed to the reader, who raises it
+            out.put(_Failed(e))
+        out.put(_DONE)
+
+    threading.Thread(target=produce, name="turn", daemon=True).start()
+    batch: list[Event] = []
+    due = time.monotonic() + interval_s
+    while True:
+        try:
+            item = out.get(timeout=max(0.0, due - time.monotonic()) if batch else None)
+        except queue.Empty:  # the interval passed with text waiting
+            yield batch
+            batch, due = [], time.monotonic() + interval_s
+            continue
+        if item is _DONE or isinstance(item, _Failed):
+            if batch:
+                yield batch
+            if isinstance(item, _Failed):
+                raise item.error
+            return
+        urgent = isinstance(item, (Audio, Notice, End)) or (bool(batch) and type(batch[-1]) is not type(item))
+        batch.append(item)
+        if urgent or time.monotonic() >= due:
+            yield batch
+            batch, due = [], time.monotonic() + interval_s
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException

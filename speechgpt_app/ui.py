@@ -31,7 +31,7 @@ import torch
 
 from speechgpt_app import __version__
 from speechgpt_app.bundle import BundleError
-from speechgpt_app.events import Accumulator, Audio, Event, Notice
+from speechgpt_app.events import Accumulator, Audio, Event, Notice, batched
 from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.loaders import MissingWeightsError, ModelNameError
 from speechgpt_app.model import ModelLoadError
@@ -288,20 +288,22 @@ class ChatApp:
         history: tuple[Turn, ...],
         options: Options,
     ) -> Iterator[tuple[LiveTurn, np.ndarray | None]]:
-        """Drive `respond` and yield the live panels after each event, with any new audio chunk."""
+        """Drive `respond` and yield the live panels after each batch of events (events.batched: the
+        turn runs at its own pace in its own thread, the page gets at most about 20 text updates a
+        second), with the batch's new audio, if any."""
         if self.pipeline is None:
             raise gr.Error(f"The model is not available: {self.unavailable}", title="Model not available")
         session_id = _session_id(request)
         cancel = self._cancel_flag(session_id)
         live = LiveTurn()
         try:
-            for event in self.pipeline.respond(
-                audio=audio, text=text, history=history, options=options, cancel=cancel
-            ):
-                chunk = live.apply(event)
-                if isinstance(event, Notice):
-                    gr.Warning(event.message)
-                yield live, chunk
+            turn = self.pipeline.respond(audio=audio, text=text, history=history, options=options, cancel=cancel)
+            for batch in batched(turn):
+                chunks = [c for c in map(live.apply, batch) if c is not None]
+                for event in batch:
+                    if isinstance(event, Notice):
+                        gr.Warning(event.message)
+                yield live, np.concatenate(chunks) if chunks else None
         except gr.Error:
             raise
         except Exception as exc:

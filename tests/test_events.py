@@ -1,13 +1,14 @@
-"""The event vocabulary: frozen, timing-blind equality, Audio compares samples."""
+"""The event vocabulary: frozen, timing-blind equality, Audio compares samples; batched turns."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 
-from speechgpt_app.events import END_REASONS, Answer, Audio, End, Heard, Units
+from speechgpt_app.events import END_REASONS, Answer, Audio, End, Heard, Units, batched
 
 
 def test_events_are_frozen() -> None:
@@ -32,3 +33,37 @@ def test_audio_compares_samples() -> None:
 def test_end_reasons() -> None:
     assert set(END_REASONS) == {"eoa", "eos", "max_tokens", "cancelled", "error"}
     assert End("eoa").problems == ()
+
+
+def test_batched_keeps_every_event_in_order_and_coalesces_text() -> None:
+    text = [Answer("a")] * 40
+    turn = [Heard("x"), Heard("y"), *text, Units((1, 2)), Audio(np.zeros(4, np.float32), 16000), Units((3,)), End("eoa")]
+    batches = list(batched(iter(turn), interval_s=5.0))  # the turn outruns the interval: only stages split it
+    assert [e for b in batches for e in b] == turn
+    assert len(batches) < len(turn) / 3  # 40 text deltas: a few updates, not 40
+    # A new stage, an audio chunk and the end each close a batch at once.
+    lasts = [b[-1] for b in batches]
+    assert isinstance(lasts[-1], End) and any(isinstance(e, Audio) for e in lasts)
+    first_answer = next(b for b in batches if any(isinstance(e, Answer) for e in b))
+    assert isinstance(first_answer[-1], Answer) and first_answer.count(Answer("a")) == 1  # sent at once
+
+
+def test_batched_runs_the_turn_at_its_own_pace_and_passes_errors_on() -> None:
+    produced: list[float] = []
+
+    def turn():
+        for i in range(5):
+            produced.append(time.monotonic())
+            yield Answer(str(i))
+            time.sleep(0.02)
+        raise RuntimeError("the model failed")
+
+    reader = batched(turn(), interval_s=0.001)
+    first = next(reader)
+    time.sleep(0.5)  # a slow page: the turn does not wait for it (pulled, it would still be at its start)
+    assert len(produced) == 5
+    rest = []
+    with pytest.raises(RuntimeError, match="the model failed"):
+        for batch in reader:
+            rest += batch
+    assert [e.text for e in first + rest] == list("01234")
