@@ -20,11 +20,15 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from speechgpt_app.audio import limits_from_env, load_audio
 from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
@@ -59,7 +63,8 @@ from speechgpt_app.vocoder import load_vocoder
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "SPEECHGPT_MODEL"  # default model for entry points: a bundle directory or a preset name
-CHUNK_UNITS = 10  # units per vocoder push (~0.2-0.6 s of speech): first audio early, few small calls
+CHUNK_UNITS = 10  # units in the first vocoder chunk (~0.2-0.6 s of speech): the first audio comes early
+CHUNK_GROWTH = 4  # later chunks double, up to this many times the first: fewer, larger vocoder calls
 SPEECH_CONTINUATION = UNITS_SEPARATOR + SOSP  # forced when a speech answer stops after its text
 TEXT_MODE_STOPS = (EOA, UNITS_TAG, SOSP)  # a text-only answer ends where the speech part would begin
 
@@ -392,37 +397,67 @@ class Pipeline:
             except Exception as e:  # the model, the vocoder, a device: end the turn, keep the app alive
                 log.exception("generation failed")
                 yield stamp(End("error", (f"generation failed: {type(e).__name__}: {e}",), stats=turn.stats_dict()))
+            finally:  # however the turn ended (a reader that stopped reading too), its vocoder thread ends
+                if turn.speaker is not None:
+                    turn.speaker.stop()
 
 
 class _Speaker:
-    """The answer's units in, its audio out: the streaming vocoder fed `chunk_units` at a time.
+    """The answer's units in, its audio out, with the vocoder in its own thread (its own CUDA stream
+    on a GPU), so that decoding never waits for it.
 
-    The one place a turn meets the vocoder, so that the vocoder can run beside decoding (its own thread)
-    without the token loop knowing."""
+    Chunks go to the vocoder in order, one at a time: the first after `chunk_units` units (the first
+    audio comes early), each next one twice as large up to CHUNK_GROWTH times that (fewer, larger calls
+    keep the real-time factor low). Finished audio is handed out as it is ready; `finish` waits for the
+    rest. The streaming vocoder's joins are exact, so the audio equals decoding all units at once."""
 
     def __init__(self, pipeline: Pipeline, chunk_units: int) -> None:
         self.vocoder = pipeline.vocoder.stream()
         self.sample_rate = pipeline.sample_rate
-        self.chunk_units = chunk_units
+        self.next_chunk = chunk_units
+        self.max_chunk = chunk_units * CHUNK_GROWTH
         self.pending: list[int] = []
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
+        self.queued: deque[Future] = deque()
+        device = getattr(pipeline.vocoder, "device", None)
+        self.cuda_stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
 
     def feed(self, ids: Sequence[int]) -> Iterator[Audio]:
-        """Take units; yield audio once a chunk's worth has come."""
+        """Take units; hand a full chunk to the vocoder; yield whatever audio is ready."""
         self.pending.extend(ids)
-        if len(self.pending) >= self.chunk_units:
-            yield from self._audio(self.vocoder.push(self.pending))
+        if len(self.pending) >= self.next_chunk:
+            self._submit(self.vocoder.push, self.pending)
             self.pending = []
+            self.next_chunk = min(2 * self.next_chunk, self.max_chunk)
+        yield from self._ready(wait=False)
 
     def finish(self) -> Iterator[Audio]:
         """The rest of the audio: the pending units and the vocoder's held-back tail."""
         if self.pending:
-            yield from self._audio(self.vocoder.push(self.pending))
+            self._submit(self.vocoder.push, self.pending)
             self.pending = []
-        yield from self._audio(self.vocoder.flush())
+        self._submit(self.vocoder.flush)
+        yield from self._ready(wait=True)
+        self.worker.shutdown()
 
-    def _audio(self, pcm: np.ndarray) -> Iterator[Audio]:
-        if len(pcm):
-            yield Audio(pcm.astype(np.float32, copy=False), self.sample_rate)
+    def stop(self) -> None:
+        """A cancelled turn: drop the audio not yet made."""
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, fn: Callable[..., np.ndarray], *args: Any) -> None:
+        self.queued.append(self.worker.submit(self._on_stream, fn, *args))
+
+    def _on_stream(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+        if self.cuda_stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.cuda_stream):
+            return fn(*args)  # numpy out: the copy to the CPU waits for this stream only
+
+    def _ready(self, wait: bool) -> Iterator[Audio]:
+        while self.queued and (wait or self.queued[0].done()):
+            pcm = self.queued.popleft().result()
+            if len(pcm):
+                yield Audio(pcm.astype(np.float32, copy=False), self.sample_rate)
 
 
 class _TurnState:
@@ -472,8 +507,9 @@ class _TurnState:
                 reason, self.stats = step.finish, step.stats
         for event in self.parser.finish(reason):
             if isinstance(event, End):
-                # Stop means stop: no more vocoder work.
-                if reason != "cancelled" and self.speaker is not None:
+                if self.speaker is not None and reason == "cancelled":
+                    self.speaker.stop()  # stop means stop: no more vocoder work
+                elif self.speaker is not None:
                     yield from self.speaker.finish()
                 yield replace(event, turn=self._turn(reason), stats=self.stats_dict())
             else:

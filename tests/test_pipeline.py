@@ -23,7 +23,7 @@ from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
 from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.parser import coalesce
-from speechgpt_app.pipeline import MODEL_ENV, Options, Pipeline, Timings
+from speechgpt_app.pipeline import CHUNK_GROWTH, CHUNK_UNITS, MODEL_ENV, Options, Pipeline, Timings
 from speechgpt_app.prompt import PromptError, assistant_prefix_for, format_exchange
 
 HEARD = "unless a system is established"
@@ -415,3 +415,50 @@ def test_out_of_range_units_are_dropped_and_counted(pipeline):
     end = events[-1]
     assert end.reason == "eoa" and end.problems == ("dropped 2 units outside the vocabulary (0-49)",)
     assert len(audio_of(events)) == sum(pipeline.vocoder.durations((3, 5))) * pipeline.vocoder.hop
+
+
+class _SlowVocoder:
+    """The pipeline's vocoder, each streamed chunk taking `pause_s` longer; records the chunk sizes."""
+
+    def __init__(self, vocoder, pause_s: float) -> None:
+        self.inner, self.pause_s, self.sizes = vocoder, pause_s, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def stream(self):
+        inner, outer = self.inner.stream(), self
+
+        class Stream:
+            def push(self, ids):
+                outer.sizes.append(len(ids))
+                time.sleep(outer.pause_s)
+                return inner.push(ids)
+
+            def flush(self):
+                return inner.flush()
+
+        return Stream()
+
+
+LONG_UNITS = tuple((7 * i + 3) % 50 for i in range(80))  # chunks of 10, 20, 40, then the last 10
+
+
+def test_vocoder_runs_beside_decoding_in_growing_chunks(tmp_path_factory, lj_wav):
+    out = tmp_path_factory.mktemp("scripted") / "long"
+    long = load_scripted(make_scripted_bundle(out, HEARD, ANSWER, LONG_UNITS), quant="none", device="cpu", precision="fp32")
+    slow = _SlowVocoder(long.vocoder, pause_s=1.0)
+    whole = long.vocoder.decode(LONG_UNITS)
+    long.vocoder = slow
+    events = list(long.respond(audio=lj_wav, options=GREEDY))
+    last_units = max(i for i, e in enumerate(events) if isinstance(e, Units))
+    # Decoding did not wait for the 1 s chunks: inline, three chunks' audio would come before the last unit.
+    assert sum(isinstance(e, Audio) for e in events[:last_units]) <= 1
+    n = len(LONG_UNITS)
+    first = CHUNK_UNITS
+    want = []
+    while sum(want) + first <= n:
+        want.append(first)
+        first = min(2 * first, CHUNK_UNITS * CHUNK_GROWTH)
+    assert want == [10, 20, 40] and slow.sizes == [*want, n - sum(want)]
+    np.testing.assert_allclose(audio_of(events), whole, atol=1e-5)  # joins stay exact
