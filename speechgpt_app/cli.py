@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("speechgpt_app.ask", "answer one spoken or typed question, write the answer audio"),
     "chat": ("speechgpt_app.mic", "talk to the model through the microphone (--mic)"),
     "eval": ("speechgpt_app.evaluate", "evaluate a model on spoken question sets: one table, JSON"),
+    "bench": ("speechgpt_app.bench", "time whole spoken turns (and the page, --page): one table, JSON"),
 }
 
 

@@ -111,7 +111,8 @@ class Timings:
 
     time to transcript: `t_ms` of the first Heard; time to first audio: of the first Audio;
     tokens/s: sampled tokens per second of decoding (from `End.stats`); real-time factor: wall time
-    to the last Audio event / seconds of audio produced (below 1 is faster than real time).
+    to the last Audio event / seconds of audio produced (below 1 is faster than real time); unit
+    extraction and prefill: from `End.stats` too (`units_ms`, `prefill_s`).
     """
 
     time_to_transcript_ms: float | None = None
@@ -166,6 +167,8 @@ class Timings:
             "total_ms": self.total_ms,
             "tokens_per_second": self.tokens_per_second,
             "real_time_factor": self.real_time_factor,
+            "units_ms": self.stats.get("units_ms"),
+            "prefill_ms": self.stats["prefill_s"] * 1000 if "prefill_s" in self.stats else None,
         }
 
 
@@ -188,6 +191,7 @@ class Request:
     prompt_ids: tuple[int, ...]
     notices: tuple[Notice, ...]
     options: Options
+    units_ms: float | None = None  # turning the spoken question into units (None: a typed question)
 
 
 def _bundle_options(bundle_dir: Path, info: BundleInfo) -> Options:
@@ -367,9 +371,12 @@ class Pipeline:
             raise PromptError("give a spoken question (audio) or a text")
         if audio is not None and text is not None:
             raise PromptError("give either audio or text, not both")
-        units = None
+        units, units_ms = None, None
         if audio is not None:
-            units = units_to_text(self.speech.encode(load_audio(audio, limits=self.limits)))
+            wav = load_audio(audio, limits=self.limits)
+            started = time.perf_counter()
+            units = units_to_text(self.speech.encode(wav))
+            units_ms = (time.perf_counter() - started) * 1000
         user = user_message(options.task, options.output, units=units, text=text, style=self.info.prompt_style)
         reserve = min(options.sampling.max_new_tokens, self.context_length // 2)
         plan = build_prompt(user, history, self.count_tokens, self.context_length - reserve)
@@ -381,7 +388,7 @@ class Pipeline:
                     f"the assistant prefix takes {forced} tokens, leaving no room in max_new_tokens="
                     f"{options.sampling.max_new_tokens}"
                 )
-        return Request(user, plan.text, prompt_ids, plan.notices, options)
+        return Request(user, plan.text, prompt_ids, plan.notices, options, units_ms)
 
     def _run(self, request: Request, cancel: threading.Event | None, started: float) -> Iterator[Event]:
         def stamp(event: Event) -> Event:
@@ -479,7 +486,8 @@ class _TurnState:
         """The generation statistics for `End.stats` ({} before generation finished)."""
         if self.stats is None:
             return {}
-        return {**asdict(self.stats), "tokens_per_s": self.stats.tokens_per_s}
+        units = {} if self.request.units_ms is None else {"units_ms": self.request.units_ms}
+        return {**asdict(self.stats), "tokens_per_s": self.stats.tokens_per_s, **units}
 
     def events(self, cancel: threading.Event | None) -> Iterator[Event]:
         pipeline, options = self.pipeline, self.options
