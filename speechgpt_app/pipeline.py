@@ -217,6 +217,8 @@ class Pipeline:
         self.default_options = _bundle_options(bundle_dir, info)
         self.limits = limits_from_env()  # input length limits; SPEECHGPT_MAX_SECONDS raises the 20 s cap
         self._lock = threading.Lock()
+        # The vocoder's own thread, one for the pipeline's life (turns take the lock, so one at a time).
+        self.vocoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
 
     @classmethod
     def load(
@@ -424,7 +426,7 @@ class _Speaker:
         self.next_chunk = chunk_units
         self.max_chunk = chunk_units * CHUNK_GROWTH
         self.pending: list[int] = []
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
+        self.worker = pipeline.vocoder_thread
         self.queued: deque[Future] = deque()
         device = getattr(pipeline.vocoder, "device", None)
         self.cuda_stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
@@ -445,11 +447,13 @@ class _Speaker:
             self.pending = []
         self._submit(self.vocoder.flush)
         yield from self._ready(wait=True)
-        self.worker.shutdown()
 
     def stop(self) -> None:
-        """A cancelled turn: drop the audio not yet made."""
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        """However the turn ended: drop the vocoder work not yet started (a chunk being made finishes
+        before the next turn's, in the one thread)."""
+        for future in self.queued:
+            future.cancel()
+        self.queued.clear()
 
     def _submit(self, fn: Callable[..., np.ndarray], *args: Any) -> None:
         self.queued.append(self.worker.submit(self._on_stream, fn, *args))

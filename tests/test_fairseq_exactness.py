@@ -186,3 +186,62 @@ def test_streamed_waveform_matches_fairseq(vocoder: Vocoder, vocoder_out, step: 
     theirs = vocoder_out["random.wav_dur"]
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() < MAX_ABS_ERROR
+
+
+# --- HuBERT large's recipe: layer-norm extractor, pre-LN layers, normalised waveforms -------------
+
+PRELN_CKPT = FIXTURES / "hubert_preln.pt"
+
+
+@pytest.fixture(scope="module")
+def preln_out() -> dict[str, np.ndarray]:
+    """fairseq's features and units of the pre-LN checkpoint, read from normalised waveforms."""
+    return load_file(FIXTURES / "hubert_preln_outputs.safetensors")
+
+
+@pytest.fixture(scope="module")
+def preln_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pre-LN checkpoint converted, with the same k-means and vocoder."""
+    out = tmp_path_factory.mktemp("preln") / "speech"
+    return convert.write_speech_dir(
+        out, PRELN_CKPT, KMEANS_BIN, VOCODER_CKPT, VOCODER_DIR / "config.json", layer=UNIT_LAYER
+    )
+
+
+def test_preln_fixture_is_hubert_large_recipe() -> None:
+    cfg, _ = convert.load_fairseq_checkpoint(PRELN_CKPT)
+    assert cfg["model"]["layer_norm_first"] is True and cfg["model"]["extractor_mode"] == "layer_norm"
+    assert cfg["task"]["normalize"] is True
+
+
+@pytest.mark.parametrize("layer", FEATURE_LAYERS)
+@pytest.mark.parametrize("name", INPUT_NAMES)
+def test_preln_features_match_fairseq(inputs, preln_out, name: str, layer: int) -> None:
+    cfg, sd = convert.load_fairseq_checkpoint(PRELN_CKPT)
+    features = HubertFeatures(convert.hubert_model_from_fairseq(cfg, sd), layer, normalize=True)
+    ours = features(torch.from_numpy(inputs[name])).numpy()
+    theirs = preln_out[f"{name}.layer{layer}"]
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() < MAX_ABS_ERROR
+
+
+def test_preln_speech_dir_reproduces_fairseq(preln_dir: Path, inputs, preln_out) -> None:
+    """normalize=true travels through speech.json; units and chunked reads agree with fairseq."""
+    assert json.loads((preln_dir / "speech.json").read_text())["features"]["normalize"] is True
+    tokenizer = SpeechTokenizer.from_dir(preln_dir)
+    for name in INPUT_NAMES:
+        assert tokenizer.encode_frames(inputs[name]) == preln_out[f"{name}.units"].tolist(), name
+    cfg, sd = convert.load_fairseq_checkpoint(PRELN_CKPT)
+    chunk = MANIFEST["hubert"]["chunk_samples"]
+    chunked = HubertFeatures(convert.hubert_model_from_fairseq(cfg, sd), UNIT_LAYER, chunk, normalize=True)
+    for name in INPUT_NAMES:
+        ours = chunked(torch.from_numpy(inputs[name])).numpy()
+        assert np.abs(ours - preln_out[f"{name}.layer{UNIT_LAYER}.chunked"]).max() < MAX_ABS_ERROR, name
+
+
+def test_preln_without_normalize_is_far_from_fairseq(inputs, preln_out) -> None:
+    """The failure this guards against: normalize=true ignored gives other features, not rounding."""
+    cfg, sd = convert.load_fairseq_checkpoint(PRELN_CKPT)
+    raw = HubertFeatures(convert.hubert_model_from_fairseq(cfg, sd), UNIT_LAYER)
+    ours = raw(torch.from_numpy(inputs["lj"])).numpy()
+    assert np.abs(ours - preln_out[f"lj.layer{UNIT_LAYER}"]).max() > 100 * MAX_ABS_ERROR
