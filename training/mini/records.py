@@ -110,15 +110,15 @@ def word_strings(texts: list[str], symbols: list[str], rng: random.Random) -> li
 
 def knowledge(train: list[domain.Question], convs: list[domain.Conversation], rng: random.Random) -> list[str]:
     """The domain's facts as text: every training question typed -> its text answer, and every training
-    conversation typed, its follow-up answered after the first exchange."""
-    out = []
-    for q in train:
-        out.append(_rec(prompt.user_message("chat", "text", text=typed(q.text, rng)), prompt.format_answer(answer=q.answer)))
+    conversation typed, its follow-up answered after the first exchange (the app's `explicit` style)."""
+
+    def ask(text: str) -> str:
+        return prompt.user_message("chat", "text", text=typed(text, rng), style="explicit")
+
+    out = [_rec(ask(q.text), prompt.format_answer(answer=q.answer)) for q in train]
     for conv in convs:
-        user1 = prompt.user_message("chat", "text", text=typed(conv.first.text, rng))
-        history = (prompt.Turn(user1, prompt.format_answer(answer=conv.first.answer)),)
-        user2 = prompt.user_message("chat", "text", text=typed(conv.follow.text, rng))
-        out.append(_rec(user2, prompt.format_answer(answer=conv.follow.answer), history=history))
+        history = (prompt.Turn(ask(conv.first.text), prompt.format_answer(answer=conv.first.answer)),)
+        out.append(_rec(ask(conv.follow.text), prompt.format_answer(answer=conv.follow.answer), history=history))
     return out
 
 
