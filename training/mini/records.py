@@ -7,10 +7,6 @@
 - every spoken question is heard twice: its units, and a noisy copy (NOISE_* rates);
 - `stage2.jsonl`: ASR records (question units -> transcript) and TTS records (text -> the output voice's
   units), half of them in the app's own instruction words, the rest in `tasks.py`'s descriptions;
-  ASR records of random strings of the domain's words, their units spelled from espeak-ng's phonemes
-  (the `ctc` units are phonemes), so that a word is recognised in any sentence, not only in the
-  sentences it was heard in; and the domain's facts as typed questions -> text answers (the knowledge a
-  large base model brings), one-turn and follow-up;
 - `stage3.jsonl`: chain-of-modality records in the app's `explicit` style: every training recording
   speech -> speech, a share speech -> text, typed questions (as people type them: capitalised, with a
   question mark) -> text and speech, and two-turn conversations whose history is the first turn
@@ -35,7 +31,7 @@ from speechgpt_app.audio import AudioLimits, load_audio
 from speechgpt_app.units import SpeechTokenizer, units_to_text
 from training.data.formats import Record, record_line
 from training.data.tasks import pick_task
-from training.mini import domain, phonemes
+from training.mini import domain
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +43,6 @@ TASK_SHARE = 0.15  # stage-2 (ASR, TTS) records mixed into stage 3, so the LoRA 
 # language model also learns from a noisy copy of every spoken question, so new recordings' unit errors
 # are familiar to it. Rates per unit.
 NOISE_DELETE, NOISE_SUBSTITUTE, NOISE_INSERT = 0.03, 0.03, 0.02
-WORD_STRINGS = 8000  # phoneme-spelled ASR records of random word strings
-WORD_STRING_LENGTH = (2, 8)  # words per string
 SEED = 7
 
 
@@ -95,33 +89,6 @@ def noisy(units: list[int], n_units: int, rng: random.Random) -> list[int]:
     return out or list(units)
 
 
-def word_strings(texts: list[str], symbols: list[str], rng: random.Random) -> list[tuple[str, list[int]]]:
-    """WORD_STRINGS random strings of the words in `texts`, each with its units spelled from espeak-ng's
-    phonemes (a `ctc` speech model's unit id is the index of its phoneme in `symbols`); none without
-    `symbols` (a speech model whose units are not phonemes)."""
-    if not symbols:
-        return []
-    words = sorted({w for t in texts for w in t.split()})
-    strings = [" ".join(rng.choices(words, k=rng.randint(*WORD_STRING_LENGTH))) for _ in range(WORD_STRINGS)]
-    phonemes.phonemise_all(strings)
-    index = {sym: i for i, sym in enumerate(symbols)}
-    return [(s, [index[p] for p in phonemes.phonemes(s) if p in index]) for s in strings]
-
-
-def knowledge(train: list[domain.Question], convs: list[domain.Conversation], rng: random.Random) -> list[str]:
-    """The domain's facts as text: every training question typed -> its text answer, and every training
-    conversation typed, its follow-up answered after the first exchange (the app's `explicit` style)."""
-
-    def ask(text: str) -> str:
-        return prompt.user_message("chat", "text", text=typed(text, rng), style="explicit")
-
-    out = [_rec(ask(q.text), prompt.format_answer(answer=q.answer)) for q in train]
-    for conv in convs:
-        history = (prompt.Turn(ask(conv.first.text), prompt.format_answer(answer=conv.first.answer)),)
-        out.append(_rec(ask(conv.follow.text), prompt.format_answer(answer=conv.follow.answer), history=history))
-    return out
-
-
 def _rec(user: str, answer: str, history: tuple[prompt.Turn, ...] = (), **extra) -> str:
     prefix = prompt.SYSTEM_PROMPT + prompt.format_history(history)
     return record_line(Record(prefix, prompt.format_exchange(user, answer)), **extra)
@@ -133,10 +100,8 @@ def spoken_turn(q_units: list[int], q: domain.Question, a_units: list[int]) -> t
     return user, prompt.format_answer(heard=q.text, answer=q.answer, units=a_units)
 
 
-def build(corpus: Path, units: dict[str, list[int]], out: Path, n_units: int, symbols: list[str]) -> dict[str, int]:
-    """Write stage1.txt, stage2.jsonl and stage3.jsonl; return how many lines each has.
-
-    `symbols`: the `ctc` speech model's phonemes (unit id = index), for the word-string records."""
+def build(corpus: Path, units: dict[str, list[int]], out: Path, n_units: int) -> dict[str, int]:
+    """Write stage1.txt, stage2.jsonl and stage3.jsonl; return how many lines each has."""
     rng = random.Random(SEED)
     heard: dict[str, list[tuple[list[int], str]]] = defaultdict(list)  # question text -> (units, voice)
     for e in read_manifest(corpus / "questions.jsonl"):
@@ -165,10 +130,6 @@ def build(corpus: Path, units: dict[str, list[int]], out: Path, n_units: int, sy
             app = rng.random() < APP_SHARE
             user = prompt.user_message("speak", text=shown) if app else pick_task("tts", rng) + prompt.INPUT_MARKER + shown
             stage2.append(_rec(user, prompt.format_answer(units=u)))
-    for text, u in word_strings([q.text for q in train] + [q.answer for q in train], symbols, rng):
-        user = prompt.user_message("transcribe", units=units_to_text(noisy(u, n_units, rng)))
-        stage2.append(_rec(user, prompt.format_answer(heard=text)))
-    stage2 += knowledge(train, conv_train, rng)
     rng.shuffle(stage2)
     (out / "stage2.jsonl").write_text("\n".join(stage2) + "\n", encoding="utf-8")
 
@@ -273,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     units = extract_units(args.corpus, args.speech_dir, args.out / "units.jsonl", args.threads)
-    config = SpeechTokenizer.from_dir(args.speech_dir).config
-    print(json.dumps(build(args.corpus, units, args.out, config.n_units, config.features.get("symbols", []))))
+    n_units = SpeechTokenizer.from_dir(args.speech_dir).config.n_units
+    print(json.dumps(build(args.corpus, units, args.out, n_units)))
     print(json.dumps(write_eval_sets(args.corpus, args.corpus / "eval")))
 
 
