@@ -122,10 +122,9 @@ def page_send_to_audio(model: str | None, question: Path, runs: int) -> list[dic
             browser = p.chromium.launch(executable_path=CHROMIUM)
             page = browser.new_page()
             page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
-            page.goto(url)
             for n in range(runs + 1):
-                page.click("#clear")
-                page.wait_for_function(f"!({PLAYABLE_JS})")
+                page.goto(url)  # a fresh session each turn: nothing of the last answer on the page
+                page.wait_for_selector("#audio-in")
                 page.click("#audio-in button[aria-label='Upload file']")
                 page.set_input_files("#audio-in input[type=file]", str(question))
                 page.wait_for_selector("#audio-in [data-testid='waveform-controls']")
