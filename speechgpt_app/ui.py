@@ -350,7 +350,7 @@ class ChatApp:
             problems=list(end.problems) if end else ["the turn ended without an End event"],
             notices=[n.message for n in live.notices],
             timings=live.timings.as_dict(),
-            settings=dataclasses.asdict(options),
+            settings=flat_settings(options),
             context=[dataclasses.asdict(t) for t in history],
             turn=end.turn if end else None,
         )
@@ -402,6 +402,12 @@ class ChatApp:
         path = self._new_file(session_id, "conversation", ".json")
         path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
         return str(path)
+
+
+def flat_settings(options: Options) -> dict[str, Any]:
+    """A turn's settings as the export writes them: the sampling settings beside the others, one level."""
+    settings = dataclasses.asdict(options)
+    return {**settings.pop("sampling"), **settings}
 
 
 def export_record(r: TurnRecord) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +238,7 @@ class FakeSoundDevice:
                         if not self.running:
                             return
                         callback(fake.speech[start : start + blocksize].reshape(-1, 1), blocksize, None, None)
+                        time.sleep(blocksize / samplerate / 20)  # a card delivers in time (here 20x faster)
 
                 self.thread = threading.Thread(target=feed)
                 self.thread.start()
