@@ -27,14 +27,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from speechgpt_app.cli import add_model_flags, load_pipeline
-from speechgpt_app.evaluate import run_turn
+from speechgpt_app.evaluate import greedy_options, run_turn
 from speechgpt_app.loaders import read_examples
 from speechgpt_app.pipeline import Pipeline
 
@@ -60,7 +59,7 @@ def default_questions() -> list[Path]:
 
 def bench_turns(pipeline: Pipeline, questions: Sequence[Path], runs: int) -> list[dict[str, Any]]:
     """One warm-up turn, then `runs` timed turns per question; every turn's figures."""
-    options = replace(pipeline.default_options, sampling=replace(pipeline.default_options.sampling, do_sample=False, seed=0))
+    options = greedy_options(pipeline)
     rows = []
     for path in questions:
         run_turn(pipeline, options, audio=str(path))  # warm-up: first-call allocations and caches

@@ -177,6 +177,14 @@ def _resample(wav: np.ndarray, rate: int) -> np.ndarray:
     return resample(wav, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else wav
 
 
+def greedy_options(pipeline: Pipeline, max_new_tokens: int | None = None) -> Options:
+    """The bundle's defaults, decoded greedily (seed 0): how `eval` and `bench` run every turn."""
+    sampling = replace(pipeline.default_options.sampling, do_sample=False, seed=0)
+    if max_new_tokens is not None:
+        sampling = replace(sampling, max_new_tokens=max_new_tokens)
+    return replace(pipeline.default_options, sampling=sampling)
+
+
 def evaluate(
     pipeline: Pipeline, items: Iterable[EvalItem], recogniser: Callable[[np.ndarray], str] | None,
     progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None, tasks: bool = True,
@@ -184,10 +192,7 @@ def evaluate(
     """Run every item (greedy); return {"groups": {group: {figure: value}}, "items": [...]}.
 
     `tasks=False` skips the transcribe and speak task turns (their WERs are then absent)."""
-    sampling = replace(pipeline.default_options.sampling, do_sample=False, seed=0)
-    if max_new_tokens is not None:
-        sampling = replace(sampling, max_new_tokens=max_new_tokens)
-    greedy = replace(pipeline.default_options, sampling=sampling)
+    greedy = greedy_options(pipeline, max_new_tokens)
     tallies: dict[str, _Tally] = defaultdict(_Tally)
     rows = []
     for n, item in enumerate(items):
