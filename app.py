@@ -24,6 +24,7 @@ import gradio as gr
 
 from speechgpt_app import __version__
 from speechgpt_app.audio import MAX_UPLOAD_BYTES
+from speechgpt_app.lm_server import ServerError, lm_url_from_env
 from speechgpt_app.loaders import read_examples
 from speechgpt_app.logs import setup_logging
 from speechgpt_app.pipeline import MODEL_ENV, Pipeline
@@ -32,6 +33,9 @@ from speechgpt_app.ui import CSS, build_ui
 log = logging.getLogger("speechgpt_app.app")
 
 CONCURRENCY_LIMIT = 1  # turns run one at a time: one model, one device
+# With the language model on a server (SPEECHGPT_LM_URL), turns run side by side: the server batches.
+SERVER_CONCURRENCY = 20
+CONCURRENCY_ENV = "SPEECHGPT_CONCURRENCY"
 QUEUE_SIZE = 16  # turns waiting beyond this are refused, and the user is told the queue is full
 # Uploads larger than this are refused by Gradio before they reach the disk. 20 s of 8-channel 96 kHz
 # float audio is 61 MB; anything far beyond the audio cap (SPEECHGPT_MAX_SECONDS) is not a question.
@@ -51,10 +55,23 @@ def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None
     """The pipeline for `model` (default: `$SPEECHGPT_MODEL`, else the shipped SpeechGPT-tiny), or why not."""
     model = model or os.environ.get(MODEL_ENV, "").strip() or None
     try:
-        return Pipeline.load(model, quant=quant), None
+        pipeline = Pipeline.load(model, quant=quant, lm_url=lm_url_from_env())
     except Exception as exc:  # the page still opens and tells every user why it cannot answer
         log.exception("could not load model %s", model or "SpeechGPT-tiny")
         return None, f"{model or 'SpeechGPT-tiny (the default model)'}: {exc}"
+    try:
+        pipeline.check_server()
+    except ServerError as exc:  # turns say so until the server answers; then they run, no restart
+        log.warning("%s; turns are refused until it answers", exc)
+    return pipeline, None
+
+
+def concurrency_for(pipeline: Pipeline | None) -> int:
+    """Turns at once: one with the model in this process; with a server, `$SPEECHGPT_CONCURRENCY` (20)."""
+    if pipeline is None or pipeline.server is None:
+        return CONCURRENCY_LIMIT
+    value = os.environ.get(CONCURRENCY_ENV, "").strip()
+    return int(value) if value else SERVER_CONCURRENCY
 
 
 @contextmanager
@@ -89,7 +106,8 @@ def create_app(model: str | None = None, quant: str | None = None, queue_size: i
             examples=[e.audio for e in read_examples()],
             gpu=spaces_compat.gpu(),
         )
-    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=queue_size)
+    concurrency = concurrency_for(pipeline)
+    return demo.queue(default_concurrency_limit=concurrency, max_size=max(queue_size, concurrency))
 
 
 def launch(demo: gr.Blocks, **overrides) -> None:

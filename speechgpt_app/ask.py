@@ -20,6 +20,7 @@ from typing import Any
 
 from speechgpt_app.cli import add_model_flags, add_sampling_flags, load_pipeline, sampling_options
 from speechgpt_app.events import Accumulator, Audio, End, Event, Notice, Units
+from speechgpt_app.lm_server import ServerError
 from speechgpt_app.loaders import MissingWeightsError
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.pipeline import Timings
@@ -72,7 +73,7 @@ def run_cli(args: argparse.Namespace) -> int:
         events = pipeline.respond(audio=args.audio, text=args.text, options=options)
     # Every input and model error of ours is one of these (AudioError, PromptError, BundleError,
     # ModelNameError and VocoderError are ValueErrors); an OSError is an unreadable file.
-    except (ValueError, OSError, MissingWeightsError, ModelLoadError) as e:
+    except (ValueError, OSError, MissingWeightsError, ModelLoadError, ServerError) as e:
         return _fail(str(e))
 
     timings, turn = Timings(), Accumulator()

@@ -41,6 +41,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, help="auto, none, nf4, int8, int4 (default: $SPEECHGPT_QUANT or auto)")
     p.add_argument("--precision", default=None, help="auto (bf16), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")
+    p.add_argument("--lm-url", default=None, help="a vLLM server running the bundle's language model, e.g. http://127.0.0.1:8000 (default: $SPEECHGPT_LM_URL; unset: the model runs here)")  # fmt: skip
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -54,10 +55,14 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The pipeline `add_model_flags`' flags name."""
+    """The pipeline `add_model_flags`' flags name; a language model server is asked now (lm_server.ServerError)."""
+    from speechgpt_app.lm_server import lm_url_from_env
     from speechgpt_app.pipeline import Pipeline  # here, so that `--help` does not load torch
 
-    return Pipeline.load(args.model, quant=args.quant, device=args.device, precision=args.precision)
+    lm_url = args.lm_url or lm_url_from_env()
+    pipeline = Pipeline.load(args.model, quant=args.quant, device=args.device, precision=args.precision, lm_url=lm_url)
+    pipeline.check_server()  # a server that is not there is found at start-up, not at the first question
+    return pipeline
 
 
 def sampling_options(args: argparse.Namespace, defaults: Any, **more: Any) -> Any:

@@ -7,6 +7,10 @@ a speech answer stops after its text), and to let a hook rewrite the logits (the
 The stream's text is `decode(tokenizer, ids)` of the answer's ids, delivered as deltas by an
 `IncrementalDetokenizer`; stop strings such as `<eoa>` are found in that text because SpeechGPT
 spells them with ordinary pieces, not as single tokens.
+
+Where the next token comes from is a `TokenSource`: `LocalTokens` (the model in this process, its
+key/value cache and our sampler) or `lm_server.ServerTokens` (a vLLM server streaming token ids).
+Everything else (forcing, stops, retracting a stop string, the detokeniser) is the same for both.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -328,6 +332,60 @@ class _Decoder:
             self.cache.crop(-extra)  # transformers 5: a negative count of positions to drop
 
 
+class TokenSource(Protocol):
+    """Where an answer's next tokens come from. The answer so far is what was fed after the prompt."""
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """The answer goes on with `ids`: the token `next_token` just gave, or forced text."""
+
+    def crop(self, n_answer: int) -> None:
+        """The answer is cut back to its first `n_answer` ids (a retracted stop string)."""
+
+    def next_token(self, answer_ids: Sequence[int]) -> int:
+        """The next token after the answer so far (`answer_ids`, everything fed)."""
+
+    def close(self) -> None:
+        """The answer is over: free what it holds (a server request is aborted)."""
+
+
+class LocalTokens:
+    """The model in this process: its cache, the `min_new_tokens` mask, the logits hook, our sampler."""
+
+    def __init__(self, model, prompt_ids: Sequence[int], options: SamplingOptions, eos_id: int | None,
+                 logits_hook: LogitsHook | None = None) -> None:  # fmt: skip
+        self.decoder = _Decoder(model, prompt_ids)
+        self.options = options
+        self.eos_id = eos_id
+        self.logits_hook = logits_hook
+        self.generator = make_generator(options.seed)
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """Queue `ids` for the next forward pass."""
+        self.decoder.pending.extend(ids)
+
+    def crop(self, n_answer: int) -> None:
+        """Drop the cache past `n_answer` answer ids, and anything queued."""
+        self.decoder.crop(n_answer)
+        self.decoder.pending = []
+
+    def next_token(self, answer_ids: Sequence[int]) -> int:
+        """Run what is queued (the prompt first: the prefill) and pick the next token."""
+        logits = self.decoder.logits()
+        if self.eos_id is not None and len(answer_ids) < self.options.min_new_tokens:
+            logits[self.eos_id] = float("-inf")
+        if self.logits_hook is not None:
+            logits = self.logits_hook(list(answer_ids), logits)
+        return choose_token(logits, self.options, self.generator)
+
+    def close(self) -> None:
+        """Nothing to free beyond the cache, which goes with this object."""
+
+
+SourceFactory = Callable[[Sequence[int], SamplingOptions, int], TokenSource]
+"""`factory(prompt_ids, options, limit) -> TokenSource`: opens a source for one answer of at most
+`limit` tokens (lm_server.LMServer.open is one)."""
+
+
 def stream_tokens(
     model,
     tokenizer,
@@ -340,6 +398,7 @@ def stream_tokens(
     logits_hook: LogitsHook | None = None,
     cancel: threading.Event | None = None,
     context_length: int | None = None,
+    source: SourceFactory | None = None,
 ) -> Iterator[Step]:
     """Generate an answer after `prompt_ids`, one `Step` per token, then a final `Step` with `finish`.
 
@@ -348,9 +407,26 @@ def stream_tokens(
     `stop_strings` in the text ("eoa"; the stop string itself is not streamed), after
     `max_new_tokens` or when the context is full ("max_tokens"), or when `cancel` is set
     ("cancelled", checked before every model step). `context_length` defaults to the model's
-    `max_position_embeddings`. Raises ValueError when the prompt leaves no room for an answer.
+    `max_position_embeddings`. `source` opens where the tokens come from (default: `model` in this
+    process, `LocalTokens`); a server source takes no `logits_hook`. Raises ValueError when the
+    prompt leaves no room for an answer.
     """
+    if source is not None and logits_hook is not None:
+        raise ValueError("a logits hook needs the model in this process, not a token server")
     answer = _Answer(model, tokenizer, prompt_ids, options, stop_strings, context_length)
+    if source is None:
+        answer.source = LocalTokens(model, prompt_ids, options, tokenizer.eos_token_id, logits_hook)
+    else:
+        answer.source = source(prompt_ids, options, answer.limit)
+    try:
+        yield from _steps(answer, tokenizer, prefix, on_stop, cancel)
+    finally:  # however it ended (a reader that stopped reading too): a server request is aborted
+        answer.source.close()
+
+
+def _steps(answer: _Answer, tokenizer, prefix: str, on_stop: OnStop | None,
+           cancel: threading.Event | None) -> Iterator[Step]:  # fmt: skip
+    """stream_tokens' loop over an opened answer."""
     prefix_ids = encode_continuation(tokenizer, prefix) if prefix else []
     if len(prefix_ids) > answer.limit:
         raise ValueError(f"the forced prefix has {len(prefix_ids)} tokens, more than the {answer.limit} allowed")
@@ -362,7 +438,7 @@ def stream_tokens(
         if len(answer.detok.ids) >= answer.limit:
             yield answer.finish("max_tokens")
             return
-        token_id = answer.choose(logits_hook)
+        token_id = answer.choose()
         if token_id == tokenizer.eos_token_id:
             answer.detok.flush()
             continuation = on_stop("eos", answer.detok.text) if on_stop is not None else None
@@ -383,22 +459,20 @@ def stream_tokens(
         if not continuation:
             yield Step(None, "", finish="eoa", stop=stop, stats=answer.stats())
             return
-        yield from answer.force(_retract(answer.decoder, answer.detok, at, continuation))
+        yield from answer.force(_retract(answer.source, answer.detok, at, continuation))
 
 
 class _Answer:
     """One answer being generated: the model's cache, the text so far, what was streamed, the counts."""
 
+    source: TokenSource  # set by stream_tokens once the limit is known
+
     def __init__(self, model, tokenizer, prompt_ids: Sequence[int], options: SamplingOptions,
                  stop_strings: Sequence[str], context_length: int | None) -> None:  # fmt: skip
         self.started = time.perf_counter()
         self.limit = _answer_limit(model, prompt_ids, options.max_new_tokens, context_length)
-        self.options = options
         self.n_prompt = len(prompt_ids)
         self.stop_strings = tuple(s for s in stop_strings if s)
-        self.eos_id = tokenizer.eos_token_id
-        self.generator = make_generator(options.seed)
-        self.decoder = _Decoder(model, prompt_ids)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.emitted = 0  # characters of detok.text already streamed
         self.sampled = self.forced = 0
@@ -430,26 +504,23 @@ class _Answer:
 
     def force(self, ids: Sequence[int]) -> Iterator[Step]:
         """Feed `ids` as the answer's next tokens (the context ends here in any case)."""
-        for token_id in ids[: self.limit - len(self.detok.ids)]:
-            self.decoder.pending.append(token_id)
+        ids = list(ids[: self.limit - len(self.detok.ids)])
+        self.source.feed(ids)
+        for token_id in ids:
             self.detok.push(token_id)
             self.forced += 1
             yield Step(token_id, self.release(), forced=True)
 
-    def choose(self, logits_hook: LogitsHook | None) -> int:
-        """Run the model on what is pending (the prompt first: the prefill) and pick the next token."""
-        logits = self.decoder.logits()
+    def choose(self) -> int:
+        """The source's next token (the first one comes after the prefill)."""
+        token_id = self.source.next_token(self.detok.ids)
         if self.prefill_s is None:
             self.prefill_s = time.perf_counter() - self.started
-        if self.eos_id is not None and len(self.detok.ids) < self.options.min_new_tokens:
-            logits[self.eos_id] = float("-inf")
-        if logits_hook is not None:
-            logits = logits_hook(list(self.detok.ids), logits)
-        return choose_token(logits, self.options, self.generator)
+        return token_id
 
     def push(self, token_id: int) -> tuple[int, str] | None:
         """Add a sampled token to the answer; the first stop string it completed, if any."""
-        self.decoder.pending.append(token_id)
+        self.source.feed([token_id])
         self.detok.push(token_id)
         self.sampled += 1
         return _find_stop(self.detok.text, self.emitted, self.stop_strings)
@@ -458,7 +529,7 @@ class _Answer:
 def _answer_limit(model, prompt_ids: Sequence[int], max_new_tokens: int, context_length: int | None) -> int:
     """How many answer tokens fit: `max_new_tokens`, or less when the context ends first."""
     if context_length is None:
-        context_length = getattr(model.config, "max_position_embeddings", None)
+        context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context_length is None:
         return max_new_tokens
     room = context_length - len(prompt_ids)
@@ -467,7 +538,7 @@ def _answer_limit(model, prompt_ids: Sequence[int], max_new_tokens: int, context
     return min(max_new_tokens, room)
 
 
-def _retract(decoder: _Decoder, detok: IncrementalDetokenizer, at: int, continuation: str) -> list[int]:
+def _retract(source: TokenSource, detok: IncrementalDetokenizer, at: int, continuation: str) -> list[int]:
     """Take back the tokens that spelled a stop string at text index `at`; ids to force instead.
 
     The answer is cut back to the last token boundary before `at`; the forced ids re-spell the text
@@ -480,6 +551,5 @@ def _retract(decoder: _Decoder, detok: IncrementalDetokenizer, at: int, continua
         keep -= 1
     kept = decode(tokenizer, detok.ids[:keep])
     detok.truncate(keep)
-    decoder.crop(keep)
-    decoder.pending = []
+    source.crop(keep)
     return encode_continuation(tokenizer, full[len(kept) : at] + continuation, detok.ids)

@@ -24,6 +24,7 @@ import numpy as np
 
 from speechgpt_app.cli import add_model_flags, add_sampling_flags, load_pipeline, sampling_options
 from speechgpt_app.events import Accumulator, Answer, Audio, End, Heard, Notice
+from speechgpt_app.lm_server import ServerError
 from speechgpt_app.loaders import MissingWeightsError
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.pipeline import Options, Pipeline, Timings
@@ -306,7 +307,7 @@ def run_cli(args: argparse.Namespace, card: SoundCard | None = None, ask: Callab
     try:
         pipeline = load_pipeline(args)
         options = sampling_options(args, pipeline.default_options)
-    except (ValueError, OSError, MissingWeightsError, ModelLoadError) as e:
+    except (ValueError, OSError, MissingWeightsError, ModelLoadError, ServerError) as e:
         card.close()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_DEVICE

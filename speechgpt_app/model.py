@@ -91,7 +91,7 @@ class LoadedLM:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
-    quant: str  # resolved: none | nf4 | int8 | int4
+    quant: str  # resolved: none | nf4 | int8 | int4, or "served" (lm_server: the weights are a server's)
     n_units: int
     description: str
     adapter: str | None = None  # the LoRA's location as given (LMSpec.adapter), None without one
@@ -134,6 +134,23 @@ def load_lm(spec: LMSpec) -> LoadedLM:
     log.info("loaded %s", description)
     adapter = str(spec.adapter) if adapter_dir is not None else None
     return LoadedLM(model, tokenizer, device, dtype, quant, n_units, description, adapter, held == "merged")
+
+
+def load_server_lm(spec: LMSpec, url: str) -> LoadedLM:
+    """The bundle's language model as served at `url`: its checked tokenizer here, no weights.
+
+    The speech side and the vocoder still run on `spec.device` (default: CUDA when available).
+    """
+    if spec.adapter is not None:
+        raise ModelLoadError(
+            "a LoRA adapter kept apart cannot be sent to a server from here: start the server with "
+            "`--enable-lora --lora-modules` (or on the merged model) instead"
+        )
+    device = resolve_device(spec.device)
+    model_dir = resolve_location(spec.path, "language model")
+    tokenizer = _load_checked_tokenizer(None, model_dir, spec.n_units)
+    description = f"{spec.path} served at {url}"
+    return LoadedLM(None, tokenizer, device, torch.float32, "served", count_units(tokenizer), description)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -414,6 +431,8 @@ def _apply_adapter(model, adapter_dir: Path, spec: LMSpec, quant: str) -> tuple[
 
 def _describe_numerics(quant: str, dtype: torch.dtype) -> str:
     """The weights' numerics in words: the dtype, and the quantisation when there is one."""
+    if quant == "served":
+        return "served by vLLM"
     name = {v: k for k, v in DTYPES.items()}[dtype]
     return {
         "none": name,

@@ -10,8 +10,10 @@ problems (unreadable audio, an empty text, a prompt that cannot fit) raise from 
 before any event; problems with the model's output end the stream with `End(reason, problems)`; an
 exception during generation ends it with `End("error", (message,))` and is logged.
 
-A Pipeline runs one generation at a time (a lock held while a turn's events are being produced);
-concurrent callers wait their turn. Close or exhaust the iterator to release it.
+With the language model in this process, a Pipeline runs one generation at a time (a lock held while
+a turn's events are being produced); concurrent callers wait their turn. Close or exhaust the iterator
+to release it. With the language model on a server (`lm_url`, lm_server.py), turns run side by side:
+the server batches them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,9 @@ from speechgpt_app.generate import (
     encode_continuation,
     stream_tokens,
 )
+from speechgpt_app.lm_server import LMServer, ServerError
 from speechgpt_app.loaders import default_model, resolve_model
-from speechgpt_app.model import LMSpec, load_lm, quant_from_env
+from speechgpt_app.model import LMSpec, load_lm, load_server_lm, quant_from_env
 from speechgpt_app.parser import ChainParser
 from speechgpt_app.prompt import (
     EOA,
@@ -205,7 +209,7 @@ def _bundle_options(bundle_dir: Path, info: BundleInfo) -> Options:
 class Pipeline:
     """A loaded bundle (speech tokenizer, language model, vocoder) that answers turns."""
 
-    def __init__(self, bundle_dir: Path, info: BundleInfo, speech, lm, vocoder) -> None:
+    def __init__(self, bundle_dir: Path, info: BundleInfo, speech, lm, vocoder, server: LMServer | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.info = info
         self.speech = speech
@@ -216,8 +220,9 @@ class Pipeline:
         self.logits_hook: Callable[[Task], LogitsHook | None] | None = None
         self.default_options = _bundle_options(bundle_dir, info)
         self.limits = limits_from_env()  # input length limits; SPEECHGPT_MAX_SECONDS raises the 20 s cap
-        self._lock = threading.Lock()
-        # The vocoder's own thread, one for the pipeline's life (turns take the lock, so one at a time).
+        self.server = server  # the language model's server, or None when it runs here
+        self._lock: AbstractContextManager = threading.Lock() if server is None else nullcontext()
+        # The vocoder's own thread, one for the pipeline's life (with a local model, one turn at a time).
         self.vocoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
 
     @classmethod
@@ -228,8 +233,12 @@ class Pipeline:
         device: str | None = None,
         precision: str | None = None,
         merge_adapter: bool = True,
+        lm_url: str | None = None,
     ) -> Pipeline:
         """Load a bundle directory or preset (default `$SPEECHGPT_MODEL`).
+
+        `lm_url`: the address of a vLLM server running the bundle's language model; only its tokenizer
+        is loaded here (the server is asked at each turn, `check_server` asks now).
 
         `quant` defaults to `$SPEECHGPT_QUANT` or "auto" (NF4 on CUDA, none on CPU); `precision` to
         "auto" (model.resolve_precision); `device` to CUDA when available. Raises loaders.ModelNameError,
@@ -249,7 +258,12 @@ class Pipeline:
             device=device,
             n_units=info.n_units,  # = speech.json's (read_bundle); load_lm checks the vocabulary against it
         )
-        lm = load_lm(spec)
+        server = None
+        if lm_url is None:
+            lm = load_lm(spec)
+        else:
+            lm = load_server_lm(spec, lm_url)
+            server = LMServer(lm_url, lm.tokenizer, lm.n_units)
         speech = SpeechTokenizer.from_dir(speech_dir, device=lm.device)  # HuBERT beside the LM
         vocoder = load_vocoder(speech_dir / "vocoder", device=lm.device)
         if vocoder.n_units != speech.n_units:
@@ -262,7 +276,13 @@ class Pipeline:
                 f"bundle {bundle_dir}: bundle.json says sample_rate {info.sample_rate} but the vocoder "
                 f"writes {vocoder.sample_rate} Hz"
             )
-        return cls(bundle_dir, info, speech, lm, vocoder)
+        return cls(bundle_dir, info, speech, lm, vocoder, server)
+
+    def check_server(self) -> None:
+        """With a language model server: ask it now (lm_server.ServerError when it is not there or
+        serves another model). Without one: nothing to check."""
+        if self.server is not None:
+            self.server.check()
 
     # --- what it is -------------------------------------------------------------------------------
 
@@ -397,12 +417,21 @@ class Pipeline:
             return replace(event, t_ms=(time.perf_counter() - started) * 1000)
 
         with self._lock:
+            if self.server is not None:
+                try:
+                    self.server.ready()
+                except ServerError as e:  # not up yet, or gone: this turn cannot run, the next may
+                    yield stamp(End("error", (str(e),)))
+                    return
             for notice in request.notices:
                 yield stamp(notice)
             turn = _TurnState(request, self)
             try:
                 for event in turn.events(cancel):
                     yield stamp(event)
+            except ServerError as e:  # the server went away mid-answer: a plain line, no traceback
+                log.warning("%s", e)
+                yield stamp(End("error", (str(e),), stats=turn.stats_dict()))
             except Exception as e:  # the model, the vocoder, a device: end the turn, keep the app alive
                 log.exception("generation failed")
                 yield stamp(End("error", (f"generation failed: {type(e).__name__}: {e}",), stats=turn.stats_dict()))
@@ -508,6 +537,7 @@ class _TurnState:
             logits_hook=hook,
             cancel=cancel,
             context_length=pipeline.context_length,
+            source=pipeline.server.open if pipeline.server is not None else None,
         )
         reason = "error"
         for step in steps:

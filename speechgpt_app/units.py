@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -333,11 +334,13 @@ class HubertFeatures:
         self.hop = math.prod(config.conv_stride)
         self.frame_rate = SAMPLE_RATE / self.hop
         self.receptive_field = _receptive_field(config.conv_kernel, config.conv_stride)
-        self._layer_output: torch.Tensor | None = None
+        # The hook's output is per thread: with the language model on a server, turns (threads) share
+        # this extractor, and a hook runs in the thread that called the model.
+        self._layer_output = threading.local()
         self.model.encoder.layers[-1].register_forward_hook(self._keep_output)
 
     def _keep_output(self, module: Any, args: Any, output: Any) -> None:
-        self._layer_output = output[0] if isinstance(output, tuple) else output
+        self._layer_output.value = output[0] if isinstance(output, tuple) else output
 
     @classmethod
     def from_pretrained(
@@ -374,10 +377,11 @@ class HubertFeatures:
                 # A tail shorter than the conv stack's receptive field yields no whole frame.
                 if chunk.shape[0] < self.receptive_field:
                     continue
+                self._layer_output.value = None
                 self.model(chunk[None].to(self.device, torch.float32))
-                assert self._layer_output is not None  # set by the hook on layer `layer`
-                outputs.append(self._layer_output[0].cpu())
-                self._layer_output = None
+                assert self._layer_output.value is not None  # set by the hook on layer `layer`
+                outputs.append(self._layer_output.value[0].cpu())
+                self._layer_output.value = None
         return torch.cat(outputs)
 
     def save(self, speech_dir: Path) -> None:

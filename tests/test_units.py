@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +376,19 @@ def test_chunking(lj_wav: Path) -> None:
     assert got.shape[0] == 3 * hubert_frames(16000)
     whole = HubertFeatures(copy.deepcopy(model), layer=2)(wav)
     assert whole.shape[0] == hubert_frames(len(wav)) and whole.shape != got.shape
+
+
+def test_threads_share_one_extractor(lj_wav: Path) -> None:
+    # With the language model on a server, turns run in threads over one extractor.
+    model = tiny_hubert()
+    features = HubertFeatures(copy.deepcopy(model), layer=2)
+    wav = torch.from_numpy(load_audio(lj_wav))[:48000]
+    clips = [wav[i * 4000 : i * 4000 + 16000] for i in range(6)]
+    want = [features(c) for c in clips]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        for _ in range(3):
+            got = list(pool.map(features, clips))
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_pre_ln_reads_the_layer_output_not_the_final_norm(lj_wav: Path) -> None:

@@ -4,7 +4,10 @@ Starts app.py in its own process on loopback (the default model unless `--model`
 with gradio_client sessions, each asking held-out spoken questions of SpeechGPT-tiny's domain
 (tests/data/eval-subset) and exporting its conversation at the end.
 
-- load: `--clients` sessions at once, `--turns` each, against a queue of `--queue`. Prints p50/p95
+- load: `--clients` sessions at once, `--turns` each, against a queue of `--queue`, with the language
+  model in the app's process (`--lm local`), on a vLLM server this script starts (`--lm vllm`,
+  scripts/vllm.sh) or one already running (`--lm-url`), or both paths one after the other in one
+  sitting (`--lm both`, the default), printed side by side at the end. Prints p50/p95
   turn latency (client side, submit to last update), p50/p95 time to first audio and real-time
   factor (the pipeline's `Timings`, from each session's export), turns per minute, errors by
   message, and whether every session's export holds exactly its own turns.
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -49,15 +53,42 @@ def questions() -> list[tuple[Path, str]]:
     return [(QUESTIONS / r["audio"], r["text"]) for r in rows]
 
 
-class Server:
-    """app.py in a child process on a free loopback port."""
+class VLLM:
+    """scripts/vllm.sh serving the default model's language model on a free loopback port."""
 
-    def __init__(self, model: str | None, queue: int) -> None:
+    def __init__(self) -> None:
+        from speechgpt_app.lm_server import wait_until_up
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(tempfile.mkstemp(prefix="vllm-load-", suffix=".log")[1])
+        env = {**os.environ, "VLLM_PORT": str(port)}
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(["bash", "scripts/vllm.sh", "serve"], cwd=REPO, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            wait_until_up(self.url, 900, alive=lambda: self.proc.poll() is None)
+        except Exception:
+            self.close()
+            raise RuntimeError(f"vLLM did not start; its log: {self.log}") from None
+
+    def close(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+class Server:
+    """app.py in a child process on a free loopback port (its language model at `lm_url` if given)."""
+
+    def __init__(self, model: str | None, queue: int, lm_url: str | None = None) -> None:
         self.started = time.time()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                "GRADIO_SERVER_PORT": str(self.port), "GRADIO_SERVER_NAME": "127.0.0.1"}  # fmt: skip
+        env.pop("SPEECHGPT_LM_URL", None)
+        if lm_url:
+            env["SPEECHGPT_LM_URL"] = lm_url
         code = f"import app; app.launch(app.create_app(model={model!r}, queue_size={queue}), quiet=True)"
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
         deadline = time.monotonic() + 300
@@ -115,7 +146,38 @@ def pct(values: list[float], q: float) -> float:
 
 
 def load(args: argparse.Namespace) -> dict:
-    server = Server(args.model, args.queue)
+    """One load run per language model path asked for (`--lm`), in this order, in one sitting."""
+    paths = ("local", "vllm") if args.lm == "both" else (args.lm,)
+    runs = {}
+    for path in paths:
+        if path == "local":
+            runs[path] = load_once(args, None)
+        elif args.lm_url:
+            runs[path] = load_once(args, args.lm_url)
+        else:
+            vllm = VLLM()
+            try:
+                runs[path] = load_once(args, vllm.url)
+            finally:
+                vllm.close()
+        print(f"[load] {path}: {json.dumps(runs[path])}", flush=True)
+    return {"mode": "load", "runs": runs, "table": table(runs)}
+
+
+def table(runs: dict[str, dict]) -> str:
+    """The runs as a Markdown table (the README's load table)."""
+    rows = ["| language model | turns done | errors | p50 / p95 time to first audio (s) | p50 / p95 turn (s) | turns/min |",
+            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for path, r in runs.items():
+        t, lat = r["time_to_first_audio_ms"], r["turn_latency_s"]
+        rows.append(f"| {path} | {r['completed_turns']}/{r['clients'] * r['turns_each']} | {sum(r['errors'].values())} "
+                    f"| {t['p50'] / 1000:.2f} / {t['p95'] / 1000:.2f} | {lat['p50']:.1f} / {lat['p95']:.1f} "
+                    f"| {r['turns_per_minute']} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def load_once(args: argparse.Namespace, lm_url: str | None) -> dict:
+    server = Server(args.model, args.queue, lm_url)
     qs = questions()
     try:
         results = [dict() for _ in range(args.clients)]
@@ -139,7 +201,7 @@ def load(args: argparse.Namespace) -> dict:
         r.get("export") is None or [t["question_audio"] for t in r["export"]["turns"]] == r["asked"] for r in results
     )
     return {
-        "mode": "load", "clients": args.clients, "turns_each": args.turns, "queue": args.queue,
+        "lm": lm_url or "local", "clients": args.clients, "turns_each": args.turns, "queue": args.queue,
         "completed_turns": len(latencies), "hung_clients": hung, "errors": dict(errors),
         "turn_latency_s": {"p50": round(pct(latencies, 50), 3), "p95": round(pct(latencies, 95), 3)},
         "time_to_first_audio_ms": {"p50": round(pct(ttfa, 50), 1), "p95": round(pct(ttfa, 95), 1)},
@@ -182,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=("load", "soak"))
     p.add_argument("--model", default=None, help="bundle for the app (default: the shipped SpeechGPT-tiny)")
+    p.add_argument("--lm", choices=("local", "vllm", "both"), default="both",
+                   help="load: the language model in the app, on vLLM (started here unless --lm-url), or both")
+    p.add_argument("--lm-url", default=None, help="load: a running vLLM server to use for the vllm path")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--turns", type=int, default=None, help="turns per session (load: 3, soak: 10)")
     p.add_argument("--queue", type=int, default=20, help="the app's queue length")
@@ -194,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     result = (load if args.mode == "load" else soak)(args)
     result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(json.dumps(result, indent=2))
+    if "table" in result:
+        print(result["table"])
     return 0
 
 
