@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from speechgpt_app import __version__
 from speechgpt_app.audio import MAX_UPLOAD_BYTES
@@ -59,6 +60,10 @@ def load_pipeline(model: str | None, quant: str | None) -> tuple[Pipeline | None
     except Exception as exc:  # the page still opens and tells every user why it cannot answer
         log.exception("could not load model %s", model or "SpeechGPT-tiny")
         return None, f"{model or 'SpeechGPT-tiny (the default model)'}: {exc}"
+    if pipeline.server is not None:
+        # Turns run side by side, one thread each: one intra-op thread apiece, or twenty turns' torch
+        # thread pools fight over the cores (measured: first audio 25% later under 20 turns at once).
+        torch.set_num_threads(1)
     try:
         pipeline.check_server()
     except ServerError as exc:  # turns say so until the server answers; then they run, no restart

@@ -121,7 +121,15 @@ class Accumulator:
 
 
 UPDATE_INTERVAL_S = 0.05  # a page's token-by-token text updates are coalesced to at most 20 per second
+# Text updates the whole app sends per second, over all the turns running at once: each update costs
+# the app a render of ten panels, and twenty pages at 20 a second would starve the turns themselves.
+APP_UPDATES_PER_S = 40
 _DONE = object()
+
+
+def update_interval(turns_running: int) -> float:
+    """Seconds between a page's text updates while `turns_running` turns stream at once."""
+    return max(UPDATE_INTERVAL_S, turns_running / APP_UPDATES_PER_S)
 
 
 def batched(events: Iterator[Event], interval_s: float = UPDATE_INTERVAL_S) -> Iterator[list[Event]]:

@@ -18,13 +18,14 @@ the server batches them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -223,7 +224,7 @@ class Pipeline:
         self.server = server  # the language model's server, or None when it runs here
         self._lock: AbstractContextManager = threading.Lock() if server is None else nullcontext()
         # The vocoder's own thread, one for the pipeline's life (with a local model, one turn at a time).
-        self.vocoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
+        self.vocoder_thread = VocoderThread()
 
     @classmethod
     def load(
@@ -440,6 +441,62 @@ class Pipeline:
                     turn.speaker.stop()
 
 
+@dataclass(eq=False)
+class VoiceLine:
+    """One turn's place in the vocoder's thread: its chunks, in order, and whether it has audio yet."""
+
+    jobs: deque = field(default_factory=deque)  # (order, future, fn, args) not yet run
+    started: bool = False  # a chunk of this turn has made audio
+
+
+class VocoderThread:
+    """The vocoder's one thread, shared by the turns that run at once (with a language model server).
+
+    Each turn's chunks run in the order given (the streaming vocoder is stateful). Between turns, the
+    next chunk is the oldest of a turn whose audio has not started (its listener hears nothing yet);
+    only when no such turn waits, the oldest of the turns already playing (whose listeners have audio
+    in hand). So a new answer's first audio does not wait behind the rest of the others."""
+
+    def __init__(self) -> None:
+        self._waiting: list[VoiceLine] = []  # turns with chunks to run
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="vocoder", daemon=True).start()
+
+    def submit(self, line: VoiceLine, fn: Callable[..., np.ndarray], *args: Any) -> Future:
+        """Run `fn(*args)` (audio out) in the vocoder's thread, after `line`'s earlier chunks."""
+        future: Future = Future()
+        with self._changed:
+            line.jobs.append((next(self._order), future, fn, args))
+            if line not in self._waiting:
+                self._waiting.append(line)
+            self._changed.notify()
+        return future
+
+    def _next(self) -> tuple[VoiceLine, Future, Callable[..., np.ndarray], tuple]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting)
+            silent = [line for line in self._waiting if not line.started]
+            line = min(silent or self._waiting, key=lambda w: w.jobs[0][0])
+            _, future, fn, args = line.jobs.popleft()
+            if not line.jobs:
+                self._waiting.remove(line)
+            return line, future, fn, args
+
+    def _run(self) -> None:
+        while True:
+            line, future, fn, args = self._next()
+            if not future.set_running_or_notify_cancel():  # the turn stopped before this chunk
+                continue
+            try:
+                pcm = fn(*args)
+            except BaseException as e:  # handed to the turn that asked
+                future.set_exception(e)
+                continue
+            line.started = line.started or len(pcm) > 0
+            future.set_result(pcm)
+
+
 class _Speaker:
     """The answer's units in, its audio out, with the vocoder in its own thread (its own CUDA stream
     on a GPU), so that decoding never waits for it.
@@ -457,6 +514,7 @@ class _Speaker:
         self.pending: list[int] = []
         self.worker = pipeline.vocoder_thread
         self.queued: deque[Future] = deque()
+        self.line = VoiceLine()
         device = getattr(pipeline.vocoder, "device", None)
         self.cuda_stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
 
@@ -485,7 +543,7 @@ class _Speaker:
         self.queued.clear()
 
     def _submit(self, fn: Callable[..., np.ndarray], *args: Any) -> None:
-        self.queued.append(self.worker.submit(self._on_stream, fn, *args))
+        self.queued.append(self.worker.submit(self.line, self._on_stream, fn, *args))
 
     def _on_stream(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
         if self.cuda_stream is None:

@@ -31,7 +31,7 @@ import torch
 
 from speechgpt_app import __version__
 from speechgpt_app.bundle import BundleError
-from speechgpt_app.events import Accumulator, Audio, Event, Notice, batched
+from speechgpt_app.events import Accumulator, Audio, Event, Notice, batched, update_interval
 from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.loaders import MissingWeightsError, ModelNameError
 from speechgpt_app.model import ModelLoadError
@@ -289,8 +289,8 @@ class ChatApp:
         options: Options,
     ) -> Iterator[tuple[LiveTurn, np.ndarray | None]]:
         """Drive `respond` and yield the live panels after each batch of events (events.batched: the
-        turn runs at its own pace in its own thread, the page gets at most about 20 text updates a
-        second), with the batch's new audio, if any."""
+        turn runs at its own pace in its own thread; the page gets at most about 20 text updates a
+        second, fewer while many turns run, events.update_interval), with the batch's new audio."""
         if self.pipeline is None:
             raise gr.Error(f"The model is not available: {self.unavailable}", title="Model not available")
         session_id = _session_id(request)
@@ -298,7 +298,7 @@ class ChatApp:
         live = LiveTurn()
         try:
             turn = self.pipeline.respond(audio=audio, text=text, history=history, options=options, cancel=cancel)
-            for batch in batched(turn):
+            for batch in batched(turn, update_interval(len(self._cancels))):
                 chunks = [c for c in map(live.apply, batch) if c is not None]
                 for event in batch:
                     if isinstance(event, Notice):

@@ -8,7 +8,18 @@ import time
 import numpy as np
 import pytest
 
-from speechgpt_app.events import END_REASONS, Answer, Audio, End, Heard, Units, batched
+from speechgpt_app.events import (
+    APP_UPDATES_PER_S,
+    END_REASONS,
+    UPDATE_INTERVAL_S,
+    Answer,
+    Audio,
+    End,
+    Heard,
+    Units,
+    batched,
+    update_interval,
+)
 
 
 def test_events_are_frozen() -> None:
@@ -67,3 +78,10 @@ def test_batched_runs_the_turn_at_its_own_pace_and_passes_errors_on() -> None:
         for batch in reader:
             rest += batch
     assert [e.text for e in first + rest] == list("01234")
+
+
+def test_update_interval_bounds_the_whole_apps_update_rate() -> None:
+    assert update_interval(0) == update_interval(1) == UPDATE_INTERVAL_S  # one page: 20 updates a second
+    for running in (2, 5, 20, 100):  # all pages together: at most APP_UPDATES_PER_S a second
+        assert running / update_interval(running) <= APP_UPDATES_PER_S + 1e-9
+    assert update_interval(20) == pytest.approx(20 / APP_UPDATES_PER_S)

@@ -23,7 +23,16 @@ from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
 from speechgpt_app.generate import SamplingOptions
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.parser import coalesce
-from speechgpt_app.pipeline import CHUNK_GROWTH, CHUNK_UNITS, MODEL_ENV, Options, Pipeline, Timings
+from speechgpt_app.pipeline import (
+    CHUNK_GROWTH,
+    CHUNK_UNITS,
+    MODEL_ENV,
+    Options,
+    Pipeline,
+    Timings,
+    VocoderThread,
+    VoiceLine,
+)
 from speechgpt_app.prompt import PromptError, assistant_prefix_for, format_exchange
 
 HEARD = "unless a system is established"
@@ -462,3 +471,33 @@ def test_vocoder_runs_beside_decoding_in_growing_chunks(tmp_path_factory, lj_wav
         first = min(2 * first, CHUNK_UNITS * CHUNK_GROWTH)
     assert want == [10, 20, 40] and slow.sizes == [*want, n - sum(want)]
     np.testing.assert_allclose(audio_of(events), whole, atol=1e-5)  # joins stay exact
+
+
+def test_vocoder_thread_serves_silent_turns_first_and_each_turns_chunks_in_order():
+    worker = VocoderThread()
+    busy, order = threading.Event(), []
+    a, b, c, d = (VoiceLine() for _ in range(4))
+
+    def job(name, samples=1):
+        if name == "a1":
+            busy.wait(5)
+        order.append(name)
+        if name == "bad":
+            raise ValueError("the vocoder failed")
+        return np.zeros(samples, np.float32)
+
+    worker.submit(a, job, "a1")  # the oldest: it runs first, and holds the thread while the others queue
+    futures = {}
+    for line, name, samples in [(a, "a2", 1), (b, "b1", 0), (a, "a3", 1), (c, "c1", 1), (b, "b2", 1),
+                                (a, "bad", 1), (d, "d1", 1), (b, "b3", 1)]:  # fmt: skip
+        futures[name] = worker.submit(line, job, name, samples)
+    futures["d1"].cancel()  # a stopped turn's chunk never runs
+    busy.set()
+    assert futures["b3"].result(5) is not None
+    for f in futures.values():
+        f.cancelled() or f.exception(5)
+    # a1 made audio: a is playing. The silent turns' chunks go first, oldest first: b1 (still no
+    # audio), c1, b2; then the playing turns' chunks, oldest first (d1 was cancelled).
+    assert order == ["a1", "b1", "c1", "b2", "a2", "a3", "bad", "b3"], order
+    with pytest.raises(ValueError, match="the vocoder failed"):
+        futures["bad"].result(5)
