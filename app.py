@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from speechgpt_app import __version__
+from speechgpt_app import __version__, memory
 from speechgpt_app.audio import MAX_UPLOAD_BYTES
 from speechgpt_app.lm_server import ServerError, lm_url_from_env
 from speechgpt_app.loaders import read_examples
@@ -102,6 +102,7 @@ def examples_cache_for(pipeline: Pipeline | None) -> Iterator[None]:
 
 def create_app(model: str | None = None, quant: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The whole app: pipeline, page and queue, ready to launch."""
+    memory.limit_arenas()  # a long-running server: its resident memory stays flat (memory.py)
     pipeline, unavailable = load_pipeline(model, quant)
     with examples_cache_for(pipeline):
         demo = build_ui(

@@ -85,6 +85,7 @@ class LMServer:
 
     def check(self) -> ServedModel:
         """Ask the server what it serves and whether its vocabulary is the bundle's; raise ServerError if not."""
+        self.served = None  # until this check passes: a failed check of any kind makes ready() ask again
         try:
             models = self.client.get(f"{self.url}/v1/models", timeout=CONNECT_TIMEOUT_S).raise_for_status().json()
             data = models.get("data") or []
@@ -101,10 +102,8 @@ class LMServer:
             theirs = self.client.post(f"{self.url}/detokenize", json=body, timeout=CONNECT_TIMEOUT_S)
             theirs = theirs.raise_for_status().json().get("prompt")
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            self.served = None
             raise ServerError(f"the language model server at {self.url} does not answer ({type(e).__name__}: {e})") from e
         if theirs != self.tokenizer.decode(probe):
-            self.served = None
             raise ServerError(
                 f"the language model server at {self.url} serves {name!r}, whose vocabulary is not this "
                 f"bundle's ({self.n_units} units and SpeechGPT's markers): start it with the bundle's model"

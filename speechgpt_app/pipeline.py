@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechgpt_app import memory
 from speechgpt_app.audio import limits_from_env, load_audio
 from speechgpt_app.bundle import BundleError, BundleInfo, locate, read_bundle
 from speechgpt_app.events import Answer, Audio, End, Event, Heard, Notice, Units
@@ -439,6 +440,7 @@ class Pipeline:
             finally:  # however the turn ended (a reader that stopped reading too), its vocoder thread ends
                 if turn.speaker is not None:
                     turn.speaker.stop()
+                memory.release_freed()  # the turn's buffers go back to the system, not to a thread's arena
 
 
 @dataclass(eq=False)

@@ -177,6 +177,28 @@ def waiting_in_queue(demo: gr.Blocks, handlers: Sequence[Callable]) -> Callable[
     return waiting
 
 
+def state_dropper(demo: gr.Blocks) -> Callable[[str], None]:
+    """A function that drops a session's state from `demo` (its gr.State and Gradio's per-session copy
+    of the page's components).
+
+    Gradio keeps a closed session's state for an hour, and the session's entry until 10,000 sessions
+    have come after it: about a megabyte per session, so a busy app's memory climbs for hours. Its
+    `state_holder` is not a documented API: if Gradio changes its shape this does nothing, and memory
+    is bounded by Gradio's own limits again.
+    """
+
+    def drop(session_id: str) -> None:
+        holder = getattr(demo, "state_holder", None)
+        sessions, used = getattr(holder, "session_data", None), getattr(holder, "time_last_used", None)
+        if not isinstance(sessions, dict) or not isinstance(used, dict):
+            return
+        with getattr(holder, "lock", threading.Lock()):
+            sessions.pop(session_id, None)
+            used.pop(session_id, None)
+
+    return drop
+
+
 def _session_id(request: gr.Request | None) -> str:
     """The browser session's id ("" outside a session, e.g. while caching examples)."""
     return (request.session_hash if request is not None else None) or ""
@@ -196,6 +218,7 @@ class ChatApp:
         self._stopped_waiting: set[str] = set()
         self._cleared_at: dict[str, float] = {}
         self.queued_turns: Callable[[str], bool] = lambda session_id: False
+        self.drop_state: Callable[[str], None] = lambda session_id: None  # state_dropper(demo)
         self._lock = threading.Lock()
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -376,12 +399,13 @@ class ChatApp:
                 folder.rmdir()
 
     def forget(self, request: gr.Request) -> None:
-        """A closed page: drop its answer audio and exports (its gr.State goes with it)."""
+        """A closed page: drop its answer audio, its exports and its state (the conversation), at once."""
         if request.session_hash:
             with self._lock:  # not while another session's write sweeps the folders
                 shutil.rmtree(self.files_dir / request.session_hash, ignore_errors=True)
                 self._stopped_waiting.discard(request.session_hash)
                 self._cleared_at.pop(request.session_hash, None)
+            self.drop_state(request.session_hash)
 
     # ---- export ------------------------------------------------------------------------------
 
@@ -778,4 +802,5 @@ def build_ui(
         _wire(page, handlers, app, examples)
         demo.unload(app.forget)
     app.queued_turns = waiting_in_queue(demo, (handlers.send, handlers.send_if_auto, handlers.regenerate))
+    app.drop_state = state_dropper(demo)
     return demo

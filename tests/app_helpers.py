@@ -72,6 +72,13 @@ def running_app(model: Path, cache: Path, **create: object) -> Iterator[str]:
     `cache` stands in for $HF_HOME (the app keeps its cached example answers there); `create` goes
     to app.create_app.
     """
+    with launched_app(model, cache, **create) as (url, _demo):
+        yield url
+
+
+@contextmanager
+def launched_app(model: Path, cache: Path, **create: object) -> Iterator[tuple[str, object]]:
+    """`running_app`, also yielding the launched gr.Blocks: (url, demo)."""
     app = load_app_module()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(cache))
@@ -79,6 +86,6 @@ def running_app(model: Path, cache: Path, **create: object) -> Iterator[str]:
         port = free_port()
         app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
-            yield f"http://127.0.0.1:{port}/"
+            yield f"http://127.0.0.1:{port}/", demo
         finally:
             demo.close()

@@ -212,3 +212,37 @@ def test_the_app_turns_work_once_the_server_is_up(served, server_url):
     pipeline.server.url = server_url  # now it is
     end = list(pipeline.respond(text="What is two plus three?", options=greedy_options(pipeline, 320)))[-1]
     assert end.reason == "eoa" and end.turn is not None
+
+
+class _Switching(_OtherModel):
+    """A server whose list of models the test changes; it detokenizes with the bundle's tokenizer."""
+
+    models: list[str] = []
+    tokenizer = None
+
+    def do_GET(self) -> None:
+        self._send({"data": [{"id": m, "max_model_len": 1024} for m in self.models]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._send({"prompt": self.tokenizer.decode(body["tokens"])})
+
+
+def test_a_failed_check_of_any_kind_makes_the_next_turn_check_again(monkeypatch):
+    monkeypatch.setenv("SPEECHGPT_LM_NAME", "tiny")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Switching)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        pipeline = Pipeline.load(TINY, lm_url=f"http://127.0.0.1:{httpd.server_address[1]}")
+        server = pipeline.server
+        _Switching.tokenizer, _Switching.models = server.tokenizer, ["tiny"]
+        assert server.check().name == "tiny" and server.ready() is server.served
+        for models, refusal in ((["other-7b"], "does not serve 'tiny'"), ([], "serves no model")):
+            _Switching.models = models
+            with pytest.raises(ServerError, match=refusal):
+                server.check()
+            assert server.served is None  # the next turn asks again instead of trusting the old answer
+            with pytest.raises(ServerError, match=refusal):
+                server.ready()
+    finally:
+        httpd.shutdown()

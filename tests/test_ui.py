@@ -20,7 +20,16 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from app_helpers import GREEDY, REPO, TINY, free_port, known_questions, load_app_module, running_app
+from app_helpers import (
+    GREEDY,
+    REPO,
+    TINY,
+    free_port,
+    known_questions,
+    launched_app,
+    load_app_module,
+    running_app,
+)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -35,10 +44,16 @@ SILENCE_RMS = 1e-3  # float samples: far below the vocoder's speech, far above d
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real app on SpeechGPT-tiny; yields its URL."""
-    with running_app(TINY, tmp_path_factory.mktemp("hf_home")) as url:
-        yield url
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """The real app on SpeechGPT-tiny; yields its URL and its gr.Blocks."""
+    with launched_app(TINY, tmp_path_factory.mktemp("hf_home")) as url_and_demo:
+        yield url_and_demo
+
+
+@pytest.fixture(scope="module")
+def server(launched: tuple[str, Any]) -> str:
+    """The real app's URL."""
+    return launched[0]
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +180,19 @@ def test_sessions_keep_separate_histories(server: str, question) -> None:
     assert [t["question_text"] for t in doc_a["turns"]] == [None, "second question from a"]
     assert [t["question_text"] for t in doc_b["turns"]] == ["hello from b"]
     assert doc_b["turns"][0]["context"] == []
+
+
+def test_a_closed_page_leaves_no_state_behind(launched: tuple[str, Any]) -> None:
+    url, demo = launched
+    c = client(url)
+    send(c, text="what is two plus three", output="Text only")
+    session = c.session_hash
+    assert session in demo.state_holder.session_data  # Gradio holds the conversation while the page is open
+    c.close()
+    deadline = time.monotonic() + 30
+    while session in demo.state_holder.session_data and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session not in demo.state_holder.session_data  # gone at once, not an hour later
 
 
 def test_regenerate_from_corrected_transcript_replaces_the_turn(server: str, question) -> None:

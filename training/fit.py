@@ -58,6 +58,10 @@ class TrainConfig:
     n_units: int = 1000
     block_size: int = 1024  # tokens per example (stage 1: packed block length)
     micro_batch_size: int = 1  # examples per process per forward pass
+    # Micro-batches of similar length: the order is cut into windows of this many micro-batches, each
+    # window sorted by length and its micro-batches shuffled, so short records are not padded to long
+    # ones. 0 = off (each micro-batch is a random draw).
+    group_by_length: int = 0
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 100  # optimizer steps (the schedule's length)
     stop_at_step: int = 0  # end this invocation after this step, with a checkpoint (time-boxed jobs); 0 = run to max_steps
@@ -137,6 +141,19 @@ def data_order(n_examples: int, n_needed: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     epochs = math.ceil(n_needed / n_examples)
     return np.concatenate([rng.permutation(n_examples) for _ in range(epochs)])[:n_needed]
+
+
+def group_by_length(order: np.ndarray, lengths: Sequence[int], batch: int, window: int, seed: int) -> np.ndarray:
+    """`order` with each window of `window` micro-batches sorted by length, its micro-batches shuffled:
+    the same examples at about the same steps, with little padding in each micro-batch."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    span = batch * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches = [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+        out += [i for b in rng.permutation(len(batches)) for i in batches[b]]
+    return np.asarray(out, dtype=order.dtype)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -273,6 +290,9 @@ def fit(
     world = acc.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum * world
     order = data_order(len(train), cfg.max_steps * per_step, cfg.seed)
+    if cfg.group_by_length:
+        lengths = [len(e.input_ids) for e in train]
+        order = group_by_length(order, lengths, cfg.micro_batch_size, cfg.group_by_length, cfg.seed)
     loader = DataLoader(_Ordered(train, order), batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=collate)
     val_loader = DataLoader(list(val), batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=collate)
 

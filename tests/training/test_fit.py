@@ -9,11 +9,22 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from speechgpt_app.units import units_to_text
 from training import stage0_base, stage1_pretrain
-from training.fit import IGNORE_INDEX, PAD_ID, Example, TrainConfig, checkpoints, collate, data_order, lr_at
+from training.fit import (
+    IGNORE_INDEX,
+    PAD_ID,
+    Example,
+    TrainConfig,
+    checkpoints,
+    collate,
+    data_order,
+    group_by_length,
+    lr_at,
+)
 
 N_UNITS = 16
 
@@ -36,6 +47,21 @@ def test_data_order_is_seeded_epochs_of_permutations() -> None:
     order = data_order(5, 12, seed=3)
     assert len(order) == 12 and sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
     assert (order == data_order(5, 12, seed=3)).all() and not (order == data_order(5, 12, seed=4)).all()
+
+
+def test_group_by_length_keeps_each_window_and_cuts_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 300, size=400).tolist()
+    order = data_order(400, 1000, seed=1)
+    grouped = group_by_length(order, lengths, batch=8, window=10, seed=1)
+    assert (grouped == group_by_length(order, lengths, batch=8, window=10, seed=1)).all()
+    for start in range(0, 1000, 80):  # the same examples in each window of 10 micro-batches
+        assert sorted(grouped[start : start + 80]) == sorted(order[start : start + 80])
+
+    def padded(o: np.ndarray) -> int:
+        return sum(8 * max(lengths[i] for i in o[b : b + 8]) for b in range(0, len(o), 8))
+
+    assert padded(grouped) < 0.75 * padded(order)
 
 
 def test_collate_pads_right_and_masks_padding() -> None:
