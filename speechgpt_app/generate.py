@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from speechgpt_app import llama_step
 from speechgpt_app.prompt import EOA  # end of answer, spelled with ordinary pieces
 
 # The released inference settings (REFERENCE.md section 4; the paper used 0.8 / 0.8 / 60).
@@ -34,6 +35,10 @@ TOP_P = 0.8
 TOP_K = 50
 MAX_NEW_TOKENS = 2048  # tokens; also capped so that prompt + answer fit the context
 MIN_NEW_TOKENS = 10  # tokens before `</s>` may end the answer
+# Ended answers whose key/value caches are kept for the next turn (PrefixCache): a few conversations'
+# worth (SpeechGPT-tiny: 8 MB each; the 7B in fp16: about 0.5 MB per cached token).
+PREFIX_CACHE_ANSWERS = 4
+RETOKENISED_TAIL = 1  # prompt tokens at the end of a turn's prompt that its history may spell otherwise
 
 DETOKENIZER_CONTEXT = 5  # tokens of left context re-decoded after a truncation (spaces, bytes)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
@@ -96,6 +101,7 @@ class GenerationStats:
     forced_tokens: int  # fed from forced text
     prefill_s: float  # reading the prompt (and any forced prefix) up to the first logits
     total_s: float
+    cached_tokens: int = 0  # of prompt_tokens, taken from an earlier answer's cache (not prefilled)
 
     @property
     def tokens_per_s(self) -> float:
@@ -294,30 +300,52 @@ def _held_back(text: str, start: int, stop_strings: Sequence[str]) -> int:
 
 
 class _Decoder:
-    """The model, its cache and the answer so far: feed ids, read the next token's logits."""
+    """The model, its cache and what went through it: feed ids, read the next token's logits.
 
-    def __init__(self, model, prompt_ids: Sequence[int]) -> None:
+    Small Llamas on the CPU run `llama_step`'s lean forward over a static cache; every other model
+    runs transformers' forward over a `DynamicCache`. `reused` is an earlier answer's cache whose ids
+    start like `prompt_ids`: the shared positions are kept, only the rest is prefilled.
+    """
+
+    def __init__(self, model, prompt_ids: Sequence[int], reused: _Cached | None = None) -> None:
         from transformers import DynamicCache
 
         self.model = model
         self.device = _model_device(model)
-        self.cache = DynamicCache(config=model.config)
+        self.lean = llama_step.for_model(model)
         self.n_prompt = len(prompt_ids)
+        self.ids: list[int] = []  # the ids the cache holds, in order
         self.pending: list[int] = list(prompt_ids)  # ids not yet run through the model
+        if reused is not None:
+            # Keep at least one prompt id to run: the first logits come from it.
+            keep = min(_common_prefix(reused.ids, prompt_ids), len(prompt_ids) - 1)
+            self.cache = reused.cache
+            self._crop_to(keep)
+            self.ids, self.pending = list(prompt_ids[:keep]), list(prompt_ids[keep:])
+        elif self.lean is not None:
+            self.cache = self.lean.new_cache()
+        else:
+            self.cache = DynamicCache(config=model.config)
+        self.reused = len(self.ids)  # prompt ids taken from an earlier answer's cache
 
     def logits(self) -> torch.Tensor:
         """Run the pending ids; the float32 logits of the next token, on the CPU."""
         ids, self.pending = self.pending, []
         logits = self.step(ids[0]) if len(ids) == 1 else self.prefill(ids)
+        self.ids += ids
         return logits.float().cpu()
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Many ids in one forward pass (the prompt, a forced continuation); the last one's logits."""
+        if self.lean is not None:
+            return self.lean.forward(ids, self.cache)
         return self._forward(torch.tensor([list(ids)], dtype=torch.long, device=self.device))
 
     def step(self, token_id: int) -> torch.Tensor:
         """One generated token: the per-token decode step, the part a static cache and a CUDA graph
         would speed up (its input always has shape [1, 1])."""
+        if self.lean is not None:
+            return self.lean.forward((token_id,), self.cache)
         return self._forward(torch.tensor([[token_id]], dtype=torch.long, device=self.device))
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -327,9 +355,94 @@ class _Decoder:
 
     def crop(self, n_answer: int) -> None:
         """Forget everything after the first `n_answer` answer ids."""
-        extra = self.cache.get_seq_length() - (self.n_prompt + n_answer)
-        if extra > 0:
+        keep = self.n_prompt + n_answer
+        if len(self.ids) > keep:
+            self._crop_to(keep)
+            del self.ids[keep:]
+
+    def _crop_to(self, keep: int) -> None:
+        if self.lean is not None:
+            self.cache.crop(keep)
+        elif (extra := self.cache.get_seq_length() - keep) > 0:
             self.cache.crop(-extra)  # transformers 5: a negative count of positions to drop
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Cached:
+    """An ended answer's cache: the ids it holds, of which the first `n_prompt` were its prompt."""
+
+    ids: list[int]
+    n_prompt: int
+    cache: object
+
+
+class PrefixCache:
+    """The caches of the last few answers, so that a conversation's next turn prefills only its new
+    tokens (the pipeline's second turn repeats the first turn's prompt and answer).
+
+    An answer's cache is offered to a new prompt that repeats that answer's prompt (the same
+    conversation, its history not trimmed), all but its last RETOKENISED_TAIL tokens: the history
+    is tokenised as one text, as training tokenised it, so the prompt's final `: ` may merge with the
+    answer's first piece. The cache is kept as far as the new prompt's ids repeat it exactly, and
+    the rest (the first answer as the history spells it, the new question) is prefilled. Taking a cache removes it (the new answer
+    writes into it and puts it back when it ends). At most `capacity` caches are kept, the least
+    recently used going first, so memory stays flat however many conversations there are.
+    """
+
+    def __init__(self, capacity: int = PREFIX_CACHE_ANSWERS) -> None:
+        self.capacity = capacity
+        self._entries: list[_Cached] = []  # oldest first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every kept cache."""
+        with self._lock:
+            self._entries.clear()
+
+    def take(self, prompt_ids: Sequence[int]) -> _Cached | None:
+        """The kept cache that `prompt_ids` continues furthest, removed from the store; None if none does."""
+        with self._lock:
+            best, best_len = None, 0
+            for entry in self._entries:
+                shared = _common_prefix(entry.ids, prompt_ids)
+                if shared >= entry.n_prompt - RETOKENISED_TAIL and shared > best_len:
+                    best, best_len = entry, shared
+            if best is not None:
+                self._entries.remove(best)
+            return best
+
+    def put(self, entry: _Cached) -> None:
+        """Keep an ended answer's cache (dropping the least recently used beyond capacity)."""
+        if self.capacity <= 0 or not entry.ids:
+            return
+        with self._lock:
+            self._entries.append(entry)
+            del self._entries[: max(0, len(self._entries) - self.capacity)]
+
+
+_PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PrefixCache
+
+
+def prefix_cache(model) -> PrefixCache | None:
+    """The model's store of recent answers' caches (one per model object); None for an object that
+    cannot be weakly referenced."""
+    try:
+        return _PREFIX_CACHES.setdefault(model, PrefixCache())
+    except TypeError:
+        return None
 
 
 class TokenSource(Protocol):
@@ -349,15 +462,25 @@ class TokenSource(Protocol):
 
 
 class LocalTokens:
-    """The model in this process: its cache, the `min_new_tokens` mask, the logits hook, our sampler."""
+    """The model in this process: its cache, the `min_new_tokens` mask, the logits hook, our sampler.
+
+    With `reuse` (the default), the cache comes from the model's `PrefixCache` when an earlier answer's
+    prompt starts this one, and goes back to it when the answer ends.
+    """
 
     def __init__(self, model, prompt_ids: Sequence[int], options: SamplingOptions, eos_id: int | None,
-                 logits_hook: LogitsHook | None = None) -> None:  # fmt: skip
-        self.decoder = _Decoder(model, prompt_ids)
+                 logits_hook: LogitsHook | None = None, reuse: bool = True) -> None:  # fmt: skip
+        self.store = prefix_cache(model) if reuse else None
+        self.decoder = _Decoder(model, prompt_ids, self.store.take(prompt_ids) if self.store else None)
         self.options = options
         self.eos_id = eos_id
         self.logits_hook = logits_hook
         self.generator = make_generator(options.seed)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from an earlier answer's cache."""
+        return self.decoder.reused
 
     def feed(self, ids: Sequence[int]) -> None:
         """Queue `ids` for the next forward pass."""
@@ -378,7 +501,11 @@ class LocalTokens:
         return choose_token(logits, self.options, self.generator)
 
     def close(self) -> None:
-        """Nothing to free beyond the cache, which goes with this object."""
+        """Offer the cache to the next turn (only what went through the model: queued ids are not in it)."""
+        if self.store is not None and self.decoder.ids:
+            d = self.decoder
+            self.store.put(_Cached(d.ids, min(d.n_prompt, len(d.ids)), d.cache))
+            self.store = None  # closing twice keeps one copy
 
 
 SourceFactory = Callable[[Sequence[int], SamplingOptions, int], TokenSource]
@@ -495,6 +622,7 @@ class _Answer:
             forced_tokens=self.forced,
             prefill_s=self.prefill_s if self.prefill_s is not None else now - self.started,
             total_s=now - self.started,
+            cached_tokens=getattr(self.source, "reused_tokens", 0),
         )
 
     def finish(self, reason: FinishReason) -> Step:

@@ -175,6 +175,8 @@ class Timings:
             "real_time_factor": self.real_time_factor,
             "units_ms": self.stats.get("units_ms"),
             "prefill_ms": self.stats["prefill_s"] * 1000 if "prefill_s" in self.stats else None,
+            "prompt_tokens": self.stats.get("prompt_tokens"),
+            "cached_tokens": self.stats.get("cached_tokens"),  # of the prompt, reused from an earlier turn
         }
 
 

@@ -20,6 +20,7 @@ from speechgpt_app.generate import (
     make_generator,
     mask_top_k,
     mask_top_p,
+    prefix_cache,
     stream_tokens,
 )
 
@@ -341,3 +342,66 @@ def test_stats_count_tokens_and_time(lm, prompt_ids):
     stats = steps[-1].stats
     assert stats.prompt_tokens == len(prompt_ids) and stats.sampled_tokens == 6
     assert 0 < stats.prefill_s <= stats.total_s and stats.tokens_per_s > 0
+
+
+def _greedy(lm, ids, n=10):
+    steps, out = run(lm, ids, SamplingOptions(do_sample=False, max_new_tokens=n, min_new_tokens=n))
+    return steps[-1].stats, out
+
+
+def test_a_next_turn_reuses_the_cache_and_answers_as_a_full_recompute(lm, prompt_ids):
+    """A prompt that repeats an earlier turn's prompt and answer prefills only what follows them."""
+    tok, model = lm
+    store = prefix_cache(model)
+    store.clear()
+    _, first = _greedy(lm, prompt_ids)
+    follow_up = list(prompt_ids) + first + tok.encode(" And then? <eoh>.", add_special_tokens=False)
+    stats, reused = _greedy(lm, follow_up)
+    # The first answer's last token was chosen but never run through the model: all the rest is reused.
+    assert stats.cached_tokens == len(prompt_ids) + len(first) - 1
+    store.clear()
+    stats, fresh = _greedy(lm, follow_up)
+    assert stats.cached_tokens == 0 and reused == fresh
+
+
+def test_a_changed_history_is_recomputed(lm, prompt_ids):
+    tok, model = lm
+    prefix_cache(model).clear()
+    _greedy(lm, prompt_ids)
+    trimmed = tok.encode("[Human]: Something else entirely <eoh>. [SpeechGPT]: ")
+    stats, _ = _greedy(lm, trimmed)
+    assert stats.cached_tokens == 0
+
+
+def test_the_same_prompt_again_reuses_all_but_its_last_token(lm, prompt_ids):
+    _, model = lm
+    prefix_cache(model).clear()
+    _, a = _greedy(lm, prompt_ids)
+    stats, b = _greedy(lm, prompt_ids)
+    assert stats.cached_tokens == len(prompt_ids) - 1 and a == b
+
+
+def test_the_store_keeps_a_bounded_number_of_answers(lm):
+    tok, model = lm
+    store = prefix_cache(model)
+    store.clear()
+    for i in range(store.capacity + 3):
+        _greedy(lm, tok.encode(f"[Human]: Question number {i} <eoh>. [SpeechGPT]: "), n=2)
+    assert len(store) == store.capacity
+
+
+def test_a_cancelled_answer_leaves_a_consistent_cache(lm, prompt_ids):
+    """Stopped mid-answer, the kept cache holds exactly the ids that went through the model."""
+    tok, model = lm
+    prefix_cache(model).clear()
+    cancel = threading.Event()
+    ids = []
+    for step in stream_tokens(model, tok, prompt_ids, SamplingOptions(do_sample=False, min_new_tokens=50), cancel=cancel):
+        if step.token_id is not None:
+            ids.append(step.token_id)
+        if len(ids) == 5:
+            cancel.set()
+    follow_up = list(prompt_ids) + ids + tok.encode(" more", add_special_tokens=False)
+    stats, reused = _greedy(lm, follow_up)
+    prefix_cache(model).clear()
+    assert stats.cached_tokens == len(prompt_ids) + 4 and reused == _greedy(lm, follow_up)[1]

@@ -1,4 +1,5 @@
-"""pipeline.py end to end on the scripted test model: real audio in, exact events and audio out."""
+"""pipeline.py end to end on the scripted test model (real audio in, exact events and audio out), and
+on the shipped SpeechGPT-tiny where the model itself must decide (a second turn over a reused cache)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from scripted import LABEL, load_scripted, make_scripted_bundle
 
 from speechgpt_app.audio import AudioError
 from speechgpt_app.events import Answer, Audio, End, Heard, Notice, Units
-from speechgpt_app.generate import SamplingOptions
+from speechgpt_app.generate import SamplingOptions, prefix_cache
+from speechgpt_app.loaders import DEFAULT_MODEL
 from speechgpt_app.model import ModelLoadError
 from speechgpt_app.parser import coalesce
 from speechgpt_app.pipeline import (
@@ -196,6 +198,28 @@ def test_second_turn_carries_the_first_as_history(pipeline, lj_wav, jfk_flac):
     assert request.prompt.endswith(format_exchange(request.user))
     events = list(pipeline.respond(audio=jfk_flac, history=[first_turn]))
     assert events[-1].reason == "eoa" and events[-1].turn.user == request.user
+
+
+def test_a_second_turn_prefills_only_what_the_first_did_not_hold(tmp_path):
+    """On the real tiny model: a spoken question, then a follow-up with it as history. The second turn
+    reuses the first turn's cache for everything its prompt repeats exactly (the history spells the
+    first answer as one text, so from there on it is prefilled) and answers exactly as a recompute."""
+    tiny = Pipeline.load(str(DEFAULT_MODEL))
+    audio = Path(__file__).parent / "data" / "eval-subset" / "audio" / "705991bcf590380d.flac"
+    first = list(tiny.respond(audio=audio))[-1]
+    assert first.reason == "eoa"
+
+    def follow_up() -> list:
+        return list(tiny.respond(audio=audio, history=[first.turn]))
+
+    reused = follow_up()
+    prefix_cache(tiny.lm.model).clear()
+    fresh = follow_up()
+    n_prompt1 = first.stats["prompt_tokens"]
+    assert n_prompt1 - 1 <= reused[-1].stats["cached_tokens"] < reused[-1].stats["prompt_tokens"]
+    assert fresh[-1].stats["cached_tokens"] == 0
+    assert parsed(reused) == parsed(fresh) and reused[-1].reason == fresh[-1].reason
+    assert np.array_equal(audio_of(reused), audio_of(fresh))
 
 
 def test_long_history_is_trimmed_with_a_notice(pipeline, lj_wav):
