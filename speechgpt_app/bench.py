@@ -64,6 +64,7 @@ def bench_turns(pipeline: Pipeline, questions: Sequence[Path], runs: int) -> lis
     for path in questions:
         run_turn(pipeline, options, audio=str(path))  # warm-up: first-call allocations and caches
         for _ in range(runs):
+            pipeline.clear_prefix_cache()  # a repeated question would reuse its own cache: start cold
             acc, timings = run_turn(pipeline, options, audio=str(path))
             rows.append({"question": path.name, "heard": acc.heard.strip(), "answer": acc.answer.strip(),
                          **timings.as_dict()})  # fmt: skip

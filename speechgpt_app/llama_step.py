@@ -58,8 +58,8 @@ class StaticCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, max_positions: int, head_dim: int, dtype: torch.dtype):
         shape = (n_layers, n_kv_heads, max_positions, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.empty(shape, dtype=dtype)  # only filled positions are ever read
+        self.values = torch.empty(shape, dtype=dtype)
         self.length = 0
 
     @property
@@ -159,22 +159,20 @@ class LeanLlama:
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as transformers computes it: in float32, scaled in the model's dtype."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _attention(self, i: int, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:  # fmt: skip
-        n, d = x.shape[0], self.head_dim
-        q, k, v = (x @ layer.qkv.T).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
-        q = _rotate(q.view(n, self.n_heads, d).transpose(0, 1), cos, sin)
-        k = _rotate(k.view(n, self.n_kv, d).transpose(0, 1), cos, sin)
+        n, d, heads = x.shape[0], self.head_dim, self.n_heads
+        qk, v = (x @ layer.qkv.T).split([(heads + self.n_kv) * d, self.n_kv * d], dim=-1)
+        # Queries and keys rotate together: one set of kernels for both.
+        q, k = _rotate(qk.view(n, heads + self.n_kv, d).transpose(0, 1), cos, sin).split([heads, self.n_kv])
         keys, values = cache.write(i, k, v.view(n, self.n_kv, d).transpose(0, 1))
         attn = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=1.0 / math.sqrt(d),
-            enable_gqa=self.n_kv != self.n_heads,
+            enable_gqa=self.n_kv != heads,
         )  # fmt: skip
-        return attn[0].transpose(0, 1).reshape(n, self.n_heads * d) @ layer.out.T
+        return attn[0].transpose(0, 1).reshape(n, heads * d) @ layer.out.T
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from speechgpt_app.generate import (
     LogitsHook,
     SamplingOptions,
     encode_continuation,
+    prefix_cache,
     stream_tokens,
 )
 from speechgpt_app.lm_server import LMServer, ServerError
@@ -363,6 +364,12 @@ class Pipeline:
         return len(self.lm.tokenizer.encode(text))
 
     # --- one turn ---------------------------------------------------------------------------------
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the key/value caches kept for next turns (generate.PrefixCache): the next turn
+        prefills its whole prompt. A server keeps its own prefix cache."""
+        if self.server is None:
+            prefix_cache(self.lm.model).clear()
 
     def respond(
         self,
