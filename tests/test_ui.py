@@ -391,6 +391,7 @@ def test_missing_model_is_said_on_every_turn(tmp_path: Path) -> None:
 def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_factory) -> None:
     import torch
 
+    from speechgpt_app import llama_step
     from speechgpt_app.pipeline import Pipeline
     from speechgpt_app.ui import build_ui
 
@@ -405,10 +406,14 @@ def test_out_of_memory_mid_answer_is_told_plainly_and_the_app_recovers(tmp_path_
         def out_of_memory(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        model.forward = out_of_memory  # the GPU fills up in the middle of a turn
+        # The GPU fills up in the middle of a turn, whichever forward runs it (llama_step's lean one here).
+        lean = llama_step.for_model(model)
+        for runner in (model, lean):
+            runner.forward = out_of_memory
         with pytest.raises(AppError, match="GPU ran out of memory"):
             send(c, text="hello?")
-        del model.forward  # memory is back
+        for runner in (model, lean):
+            del runner.forward  # memory is back
         q = known_questions()[0]
         assert send(c, audio=str(q.audio))[-1][ANSWER_OUT] == q.answer
     finally:
