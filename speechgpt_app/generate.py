@@ -394,9 +394,10 @@ class PrefixCache:
     conversation, its history not trimmed), all but its last RETOKENISED_TAIL tokens: the history
     is tokenised as one text, as training tokenised it, so the prompt's final `: ` may merge with the
     answer's first piece. The cache is kept as far as the new prompt's ids repeat it exactly, and
-    the rest (the first answer as the history spells it, the new question) is prefilled. Taking a cache removes it (the new answer
-    writes into it and puts it back when it ends). At most `capacity` caches are kept, the least
-    recently used going first, so memory stays flat however many conversations there are.
+    the rest (the first answer as the history spells it, the new question) is prefilled. Taking a
+    cache removes it (the new answer writes into it and puts it back when it ends). At most
+    `capacity` caches are kept, the least recently used going first, so memory stays flat however
+    many conversations there are.
     """
 
     def __init__(self, capacity: int = PREFIX_CACHE_ANSWERS) -> None:
@@ -464,13 +465,13 @@ class TokenSource(Protocol):
 class LocalTokens:
     """The model in this process: its cache, the `min_new_tokens` mask, the logits hook, our sampler.
 
-    With `reuse` (the default), the cache comes from the model's `PrefixCache` when an earlier answer's
-    prompt starts this one, and goes back to it when the answer ends.
+    The cache comes from the model's `PrefixCache` when an earlier answer's prompt starts this one,
+    and goes back to it when the answer ends.
     """
 
     def __init__(self, model, prompt_ids: Sequence[int], options: SamplingOptions, eos_id: int | None,
-                 logits_hook: LogitsHook | None = None, reuse: bool = True) -> None:  # fmt: skip
-        self.store = prefix_cache(model) if reuse else None
+                 logits_hook: LogitsHook | None = None) -> None:  # fmt: skip
+        self.store = prefix_cache(model)
         self.decoder = _Decoder(model, prompt_ids, self.store.take(prompt_ids) if self.store else None)
         self.options = options
         self.eos_id = eos_id

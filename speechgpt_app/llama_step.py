@@ -2,17 +2,18 @@
 
 On the CPU a small model's decode step is mostly framework overhead, not arithmetic: transformers'
 Llama forward builds masks, position ids and cache objects, and dispatches about a dozen small
-kernels per layer. For SpeechGPT-tiny (4 layers of 256) that is 5.6-5.9 ms per token on 2 threads,
-of which the matrix products are a fraction. This module runs the same mathematics with the query,
+kernels per layer. For SpeechGPT-tiny (4 layers of 256) that is 4.3-6.4 ms per token on 2 threads,
+of which the matrix products are about 0.4 ms. This module runs the same mathematics with the query,
 key and value projections fused into one matrix (gate and up into another), the rotary tables
-precomputed, and keys and values written into a preallocated `StaticCache`: 3.1-3.5 ms per token,
-and a spoken answer's first audio comes that much sooner.
+precomputed, one RMSNorm kernel, and keys and values written into a preallocated `StaticCache`:
+2.5-3.8 ms per token, and a spoken answer's first audio comes that much sooner (README, Benchmarks).
 
 It is used only where it is exact (`supports`): a plain `LlamaForCausalLM` on the CPU in float32 or
 bfloat16, no quantizer or adapter, a static rotary type, SiLU, no biases, and a model small enough
 (MAX_PARAMETERS) that the fused copies of its weights cost little memory. Everything else (a GPU,
 the 7B, NF4, LoRA) runs transformers' own forward. Its logits equal transformers' to float rounding
-(tests/test_llama_step.py).
+(tests/test_llama_step.py). The fused matrices are copies: weights changed after `for_model` are not
+seen (the app loads a model and never trains it).
 """
 
 from __future__ import annotations

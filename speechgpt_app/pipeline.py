@@ -368,8 +368,9 @@ class Pipeline:
     def clear_prefix_cache(self) -> None:
         """Forget the key/value caches kept for next turns (generate.PrefixCache): the next turn
         prefills its whole prompt. A server keeps its own prefix cache."""
-        if self.server is None:
-            prefix_cache(self.lm.model).clear()
+        store = prefix_cache(self.lm.model) if self.server is None else None
+        if store is not None:
+            store.clear()
 
     def respond(
         self,
