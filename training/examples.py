@@ -1,4 +1,5 @@
-"""Tokenised training examples: packed unit blocks (stage 1) and prefix-masked records (stages 2-3)."""
+"""Tokenised training examples: packed blocks (stage 0's text, stage 1's units) and prefix-masked
+records (stages 2-3)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def fit_heldout(
     return fit(acc, cfg, model, tokenizer, train_examples, val_examples, stage)
 
 
-def unit_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Example]:
-    """Stage 1: `<s> units </s>` per line, concatenated and cut into `block_size` blocks.
+def packed_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Example]:
+    """Stages 0 (text) and 1 (units): `<s> line </s>` per line, concatenated and cut into `block_size` blocks.
 
     The tail shorter than a block is kept as a last, shorter block so small data still trains.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from training.config import parse_args
 from training.data.formats import read_unit_lines
-from training.examples import fit_heldout, unit_blocks
+from training.examples import fit_heldout, packed_blocks
 from training.fit import FitResult, TrainConfig, make_accelerator
 from training.lm import load_extended, resolve_base
 
@@ -28,7 +28,7 @@ def main(acc, cfg: TrainConfig) -> FitResult:
     tokenizer, model = load_extended(
         resolve_base(cfg.base), cfg.n_units, stage2=False, precision=cfg.precision
     )
-    return fit_heldout(acc, cfg, model, tokenizer, read_unit_lines(cfg.data, cfg.n_units), unit_blocks, STAGE)
+    return fit_heldout(acc, cfg, model, tokenizer, read_unit_lines(cfg.data, cfg.n_units), packed_blocks, STAGE)
 
 
 if __name__ == "__main__":

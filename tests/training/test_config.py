@@ -98,15 +98,17 @@ def test_accelerate_configs_load(name: str, kind: str) -> None:
     assert cfg.mixed_precision == ("no" if name == "cpu_2proc" else "bf16")
 
 
-@pytest.mark.parametrize("stage", ["stage0_base", "stage1_pretrain", "stage2_instruct", "stage3_chain", "export"])
-def test_every_training_script_has_help_with_the_recipe_as_defaults(stage: str) -> None:
+@pytest.mark.parametrize(
+    "stage, recipe",
+    [("stage0_base", "tiny/stage0"), ("stage0_text", "mini/stage0_text"), ("stage1_pretrain", "tiny/stage1"),
+     ("stage2_instruct", "tiny/stage2"), ("stage3_chain", "tiny/stage3"), ("export", "tiny/export")],
+)  # fmt: skip
+def test_every_training_script_has_help_with_the_recipe_as_defaults(stage: str, recipe: str) -> None:
     import subprocess
     import sys
 
-    recipe = {"stage0_base": "stage0", "stage1_pretrain": "stage1", "stage2_instruct": "stage2",
-              "stage3_chain": "stage3", "export": "export"}[stage]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", f"training.{stage}", "--config", f"training/recipes/tiny/{recipe}.yaml", "--help"],
+        [sys.executable, "-m", f"training.{stage}", "--config", f"training/recipes/{recipe}.yaml", "--help"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

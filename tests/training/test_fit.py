@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from speechgpt_app.units import units_to_text
-from training import stage0_base, stage1_pretrain
+from training import stage0_base, stage0_text, stage1_pretrain
 from training.fit import (
     IGNORE_INDEX,
     PAD_ID,
@@ -128,6 +128,28 @@ def test_stage1_refuses_units_beyond_its_vocabulary(tmp_path, tiny_base, unit_li
         stage1_pretrain.setup(cfg)
 
 
+def test_stage0_text_learns_the_lines_and_keeps_the_base_vocabulary(tmp_path, tiny_base) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from training.lm import load_tokenizer
+
+    lines = tmp_path / "text.txt"
+    lines.write_text("".join(f"what is {a} plus one; [ta] {a} plus one is {b}<eoa>\n" for a, b in
+                             [("two", "three"), ("five", "six"), ("eight", "nine")] * 12))  # fmt: skip
+    cfg = TrainConfig(base=str(tiny_base), data=str(lines), out_dir=str(tmp_path / "s0t"), block_size=64,
+                      micro_batch_size=4, max_steps=12, lr=3e-3, eval_examples=3, eval_every=0, save_every=0,
+                      threads=1, tensorboard=False)  # fmt: skip
+    result = stage0_text.setup(cfg)
+    assert result.train_losses[-1] < 0.75 * result.train_losses[0]  # it learns the text
+    assert len(load_tokenizer(str(result.model_dir))) == len(load_tokenizer(str(tiny_base)))  # no tokens added
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_base).config.vocab_size
+    assert json.loads((result.model_dir / "training.json").read_text())["stage"] == "stage0_text"
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        stage0_text.setup(replace(cfg, data=str(tmp_path / "empty.txt"), out_dir=str(tmp_path / "e")))
+
+
 @pytest.mark.parametrize(
     "task, output, units, text, answer",
     [
@@ -164,15 +186,15 @@ def test_record_examples_train_what_the_app_prompts(tiny_base, task, output, uni
     assert len(short.input_ids) == first + 3
 
 
-def test_unit_blocks_pack_lines_with_eos(tiny_base) -> None:
+def test_packed_blocks_pack_lines_with_eos(tiny_base) -> None:
     from speechgpt_app.vocab import extend_tokenizer
-    from training.examples import unit_blocks
+    from training.examples import packed_blocks
     from training.lm import load_tokenizer
 
     tok = load_tokenizer(str(tiny_base))
     extend_tokenizer(tok, N_UNITS, stage2=False)
     lines = [units_to_text(range(i, i + 10)) for i in range(5)]
-    blocks = unit_blocks(lines, tok, block_size=16)
+    blocks = packed_blocks(lines, tok, block_size=16)
     stream = [t for b in blocks for t in b.input_ids]
     assert all(len(b.input_ids) == 16 for b in blocks[:-1]) and blocks[-1].input_ids
     assert stream.count(tok.eos_token_id) == 5 and stream.count(tok.bos_token_id) == 5

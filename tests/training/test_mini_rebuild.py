@@ -27,7 +27,7 @@ def test_quick_rebuild_runs_every_step_and_resumes(tmp_path: Path) -> None:
     root = tmp_path / "mini"
     log = _rebuild(root)
     for step in ("training.mini.speak", "training.mini.train_units", "training.mini.records",
-                 "training.mini.train_vocoder", "training.stage0_base", "training.stage1_pretrain",
+                 "training.mini.train_vocoder", "training.stage0_base", "training.stage0_text", "training.stage1_pretrain",
                  "training.stage2_instruct", "training.stage3_chain", "training.export", "speechgpt_app eval"):  # fmt: skip
         assert step in log, step
     for part in ("questions", "answers", "heldout"):

@@ -1,5 +1,5 @@
 """Rebuild SpeechGPT-tiny from nothing: speak the corpus, train the unit encoder and the vocoder, build
-the records, run stages 0 -> 1 -> 2 -> 3, export the bundle and evaluate it.
+the records, run stage 0 (tokenizer and seed, then text pretraining) -> 1 -> 2 -> 3, export the bundle and evaluate it.
 
     python -m training.mini.rebuild                 # the shipped recipe, in runs/mini (about 2 hours on 2 cores)
     python -m training.mini.rebuild --quick --root /tmp/mini   # every step, shortened (a few minutes)
@@ -31,7 +31,9 @@ RECIPE = Path("training/recipes/mini")
 DEFAULT_ROOT = "runs/mini"
 ASSET_DIR = Path("assets/speechgpt-tiny")
 CI_SUBSET_DIR = Path("tests/data/eval-subset")  # the CI evaluation's questions, audio kept in the repository
-STAGES = ("stage0_base", "stage1_pretrain", "stage2_instruct", "stage3_chain")
+# Each training module and its recipe file (training/recipes/mini/<name>.yaml, writing runs/mini/<name>).
+STAGES = {"stage0_base": "stage0", "stage0_text": "stage0_text", "stage1_pretrain": "stage1",
+          "stage2_instruct": "stage2", "stage3_chain": "stage3"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Plan:
 
 
 FULL = Plan(None, 20.0, 20.0, {}, 150)  # 150 questions per evaluation set: about 15 minutes
-QUICK = Plan(48, 0.2, 0.2, {"stage1_pretrain": 3, "stage2_instruct": 3, "stage3_chain": 3}, 6, 48)
+QUICK = Plan(48, 0.2, 0.2, {"stage0_text": 3, "stage1_pretrain": 3, "stage2_instruct": 3, "stage3_chain": 3}, 6, 48)
 
 
 def _run(args: list[str]) -> None:
@@ -57,7 +59,7 @@ def _run(args: list[str]) -> None:
 
 def _stage_args(stage: str, root: str, plan: Plan) -> list[str]:
     """`--config recipe.yaml` plus overrides moving every runs/mini path under `root`."""
-    name = stage.split("_")[0]
+    name = STAGES.get(stage, stage)
     cfg = load_yaml(RECIPE / f"{name}.yaml")
     args = ["-m", f"training.{stage}", "--config", str(RECIPE / f"{name}.yaml")]
     for key in ("base", "data", "out_dir", "out", "lm", "adapter", "speech_dir", "vocoder_dir"):
@@ -92,7 +94,7 @@ def rebuild(root: Path, plan: Plan, workers: int) -> Path:
               str(speech), "--out", str(vocoder), "--minutes", str(plan.vocoder_minutes), "--threads", "2",
               "--eval_items", "4" if plan.speak_limit else "100"])  # fmt: skip
     for stage in STAGES:
-        out = root / stage.split("_")[0] / "model"
+        out = root / STAGES[stage] / "model"
         if not (out / "training.json").is_file():
             _run(_stage_args(stage, str(root), plan))
     if not (bundle / "bundle.json").is_file():
