@@ -48,7 +48,7 @@ class Plan:
     eval_max_new_tokens: int | None = None  # caps an untrained model's answers (quick runs)
 
 
-FULL = Plan(None, 20.0, 20.0, {}, 150)  # 150 questions per evaluation set: about 15 minutes
+FULL = Plan(None, 20.0, 20.0, {}, 100)  # 100 questions per evaluation set: about 14 minutes
 QUICK = Plan(48, 0.2, 0.2, {"stage0_text": 3, "stage1_pretrain": 3, "stage2_instruct": 3, "stage3_chain": 3}, 6, 48)
 
 
