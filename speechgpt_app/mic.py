@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TextIO
 
 import numpy as np
@@ -243,10 +243,13 @@ class ChatSession:
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the chat. The interrupt may have closed the event
             # iterator; if it did not, the cancel flag ends the turn at the next token.
+            # An answer that had already finished generating (its last audio still playing) keeps
+            # its text and history, but the user stopped it: say so, and play nothing more.
             cancel.set()
-            turn.end = End("cancelled")
             for event in events:
                 turn.add(event)
+            done = turn.end or End("cancelled")
+            turn.end = replace(done, reason="cancelled")
         end = turn.end or End("error", ("the turn produced no events",))
         self.card.drain()
         self._say("")
