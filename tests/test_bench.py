@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from app_helpers import TINY
@@ -32,3 +33,4 @@ def test_page_benchmark_times_send_to_playable_audio(tmp_path: Path, monkeypatch
     (run,) = bench.page_send_to_audio(str(TINY), bench.default_questions()[0], runs=1)
     assert 0 < run["send_to_playable_s"] < bench.PAGE_TIMEOUT_S
     assert "time to first audio" in run["page_timings"]
+    assert re.search(r"[0-9] tokens/s", run["page_timings"])  # read once the turn ended, not mid-answer

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -496,3 +498,31 @@ def test_a_refused_upload_logs_one_line_and_no_traceback(server: str, tmp_path: 
     assert "Traceback" not in out + err
     assert "my-private-name" not in out + err + caplog.text
     assert any("refused an input" in r.getMessage() for r in caplog.records)
+
+
+def test_the_first_answer_chunk_waits_for_a_slow_encoder(tmp_path: Path, monkeypatch) -> None:
+    """An ffmpeg that takes 0.3 s to come up: Gradio's own 0.1 s gives the page an empty first
+    playlist (its player then waits a second); after `wait_for_the_first_audio_frames` the first
+    chunk carries frames."""
+    from gradio import audio_stream_encoder as enc
+
+    from speechgpt_app import ui
+
+    slow = tmp_path / "ffmpeg"
+    slow.write_text(f'#!/bin/sh\nsleep 0.3\nexec {shutil.which("ffmpeg")} "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(enc, "STARTUP_WAIT", 0.1)
+    pcm = (np.sin(np.arange(4800) / 5) * 8000).astype(np.int16).tobytes()  # 0.3 s, about 5 frames
+
+    def first_frames() -> int:
+        encoder = enc.AacStreamEncoder(16000, 1)
+        try:
+            encoder.feed(pcm)
+            return len(encoder.take())
+        finally:
+            encoder.close()
+
+    assert first_frames() == 0  # the case this fixes
+    ui.wait_for_the_first_audio_frames()
+    assert first_frames() > 0
