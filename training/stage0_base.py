@@ -36,7 +36,7 @@ class Stage0Config:
 
 
 def recipe_text(paths: tuple[str, ...]) -> list[str]:
-    """Distinct lines of text from the recipe's files, without unit strings or SpeechGPT's added tokens."""
+    """Lines of text from the recipe's files, without unit strings or SpeechGPT's added tokens."""
     lines: list[str] = []
     for p in paths:
         path = Path(p)
@@ -50,9 +50,7 @@ def recipe_text(paths: tuple[str, ...]) -> list[str]:
                 lines += [s for s in without_added_tokens(t).splitlines() if s.strip()]
     if not lines:
         raise ValueError(f"no text in {', '.join(paths)}")
-    # Each line once: the system prompt is in every record, and counted 40,000 times its rare words
-    # bought the merges that the domain's own words need (SpeechGPT-tiny spelled "zero" in 4 pieces).
-    return list(dict.fromkeys(lines))
+    return lines
 
 
 def train_sentencepiece(lines: list[str], vocab_size: int, out: Path) -> Path:
