@@ -30,7 +30,6 @@ from training.mini import domain
 
 log = logging.getLogger(__name__)
 
-synth.register(synth.ESPEAK_MANY)  # every espeak-ng variant, in every worker (imported there)
 TRAIN_VOICES: tuple[synth.Voice, ...] = (
     *(synth.Voice("espeak-ng", v) for v in synth.ESPEAK_ALL_VOICES),
     *(synth.Voice("flite", v) for v in ("kal", "kal16", "awb", "rms", "slt")),
@@ -114,6 +113,9 @@ _IMPULSES: list[np.ndarray] = []
 
 
 def _init(impulse_dir: str) -> None:
+    """A synthesis worker: every espeak-ng variant (registered here, not at import, so that importing
+    this module changes no other code's voices) and the room impulses."""
+    synth.register(synth.ESPEAK_MANY)
     _IMPULSES.extend(augment.load_impulses(augment.fetch_impulses(impulse_dir)))
 
 
