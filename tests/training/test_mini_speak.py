@@ -8,7 +8,7 @@ from training.mini import domain, speak
 
 
 def test_rare_words_are_heard_in_more_voices_and_held_out_texts_never() -> None:
-    jobs = list(speak.jobs("questions"))
+    jobs = [*speak.jobs("questions"), *speak.rare_word_jobs("questions")]
     per_text = Counter(j.text for j in jobs)
     kind = {q.text: q.kind for q in domain.questions()}
     _, held = speak.question_texts()
@@ -19,10 +19,8 @@ def test_rare_words_are_heard_in_more_voices_and_held_out_texts_never() -> None:
     assert len({(j.voice, j.augmented) for j in jobs if j.text == rare[0]}) > 2  # more voices, not copies
 
 
-def test_extra_voices_keep_the_other_files_names(monkeypatch) -> None:
-    """The extra voices are drawn after every other file: a corpus spoken before them stays valid."""
-    jobs = list(speak.jobs("questions"))
-    monkeypatch.setattr(speak, "RARE_WORD_EXTRA_VOICES", 0)
-    before = list(speak.jobs("questions"))
-    assert [j.name for j in jobs[: len(before)]] == [j.name for j in before]
-    assert len(jobs) > len(before)
+def test_extra_voices_are_their_own_files() -> None:
+    """The extra voices are drawn apart from the others: a corpus spoken before them stays valid."""
+    base, extra = list(speak.jobs("questions")), list(speak.rare_word_jobs("questions"))
+    assert extra and not {j.name for j in base} & {j.name for j in extra}
+    assert not list(speak.rare_word_jobs("answers"))

@@ -91,11 +91,6 @@ def jobs(part: str, voices_per_question: int = 2) -> Iterator[Job]:
                 n = 8  # few follow-up texts, each heard in many conversations
             for _ in range(n):
                 yield Job(part, text, _pick(rng), rng.random() >= CLEAN_SHARE, rng.randrange(2**31))
-        rare = {q.text for q in domain.questions() if q.kind in RARE_WORD_KINDS}
-        extra = random.Random(f"{SEED}:{part}:rare")
-        for text in (t for t in train if t in rare):
-            for _ in range(RARE_WORD_EXTRA_VOICES):
-                yield Job(part, text, _pick(extra), extra.random() >= CLEAN_SHARE, extra.randrange(2**31))
     elif part == "answers":
         qs = domain.questions() + [c.follow for c in domain.conversations()]
         texts = list(dict.fromkeys([q.answer for q in qs] + train))
@@ -107,6 +102,18 @@ def jobs(part: str, voices_per_question: int = 2) -> Iterator[Job]:
             yield Job(part, text, HELDOUT_VOICE, False, 0)
     else:
         raise ValueError(f"unknown part {part!r}: questions, answers or heldout")
+
+
+def rare_word_jobs(part: str) -> Iterator[Job]:
+    """The extra voices of RARE_WORD_KINDS' training questions (none for other parts), from their own
+    seeded draw: the files of `jobs` keep their names."""
+    if part != "questions":
+        return
+    rare = {q.text for q in domain.questions() if q.kind in RARE_WORD_KINDS}
+    extra = random.Random(f"{SEED}:{part}:rare")
+    for text in (t for t in question_texts()[0] if t in rare):
+        for _ in range(RARE_WORD_EXTRA_VOICES):
+            yield Job(part, text, _pick(extra), extra.random() >= CLEAN_SHARE, extra.randrange(2**31))
 
 
 _IMPULSES: list[np.ndarray] = []
@@ -143,9 +150,12 @@ def speak_part(part: str, out_dir: Path, workers: int, limit: int | None = None)
     """Speak every job of `part` (or its first `limit`) and write `<out_dir>/<part>.jsonl`."""
     audio_dir = out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    todo = list(jobs(part))
-    random.Random(SEED).shuffle(todo)  # any prefix (a short run, a partial corpus) mixes every kind and voice
-    todo = todo[:limit]
+    todo, extra = list(jobs(part)), list(rare_word_jobs(part))
+    # Any prefix (a short run, a partial corpus) mixes every kind and voice; the extra voices come last,
+    # so a short run speaks the same files as before they existed.
+    random.Random(SEED).shuffle(todo)
+    random.Random(SEED).shuffle(extra)
+    todo = (todo + extra)[:limit]
     manifest = out_dir / f"{part}.jsonl"
     done = 0
     with Pool(workers, initializer=_init, initargs=(str(out_dir / "impulses"),)) as pool:
