@@ -505,6 +505,27 @@ class CTCEncoderNet(torch.nn.Module):
         return self.head(self.norm(x))
 
 
+# The `ctc` encoder normalises each utterance by its own mean and variance, so a long silence at an edge
+# (a microphone left running, the second of silence that ends an auto-stopped recording) shifts every
+# frame and changes what is heard ("what day comes after friday" + 1 s of silence was heard as "what month
+# comes after february"). Its training recordings' edge silences are at most 0.36 s (200 measured, 40 dB
+# below the loudest 10 ms): `encode` cuts longer ones to this.
+EDGE_SILENCE_KEEP_S = 0.4
+EDGE_SILENCE_DB = 40.0  # a 10-ms frame this far below the loudest one is silence
+
+
+def trim_edge_silence(wav: torch.Tensor, keep_s: float = EDGE_SILENCE_KEEP_S, below_db: float = EDGE_SILENCE_DB) -> torch.Tensor:
+    """`wav` (16 kHz) with leading and trailing silence cut to at most `keep_s` seconds each."""
+    hop = SAMPLE_RATE // 100
+    n = len(wav) // hop
+    if n == 0:
+        return wav
+    level = 10 * torch.log10(wav[: n * hop].reshape(n, hop).pow(2).mean(1) + 1e-12)
+    loud = torch.nonzero(level > level.max() - below_db).flatten()
+    keep = int(keep_s * SAMPLE_RATE)
+    return wav[max(0, int(loud[0]) * hop - keep) : min(len(wav), (int(loud[-1]) + 1) * hop + keep)]
+
+
 def normalise_frames(mel: torch.Tensor) -> torch.Tensor:
     """Per-utterance mean and variance normalisation over time: removes a fixed channel and level."""
     return (mel - mel.mean(0, keepdim=True)) / (mel.std(0, keepdim=True) + 1e-5)
@@ -712,9 +733,11 @@ class SpeechTokenizer:
         return nearest_centre(self.features(wav), self.centres).tolist()
 
     def encode(self, wav: Wave) -> list[int]:
-        """Deduplicated units, the form the language model reads (for `ctc`: greedy CTC, no blanks)."""
+        """Deduplicated units, the form the language model reads (for `ctc`: greedy CTC, no blanks, long
+        edge silences cut first: `trim_edge_silence`)."""
         if self.centres is None:
-            return [k for k in dedup(self.encode_frames(wav)) if k != self.n_units]
+            frames = self.encode_frames(trim_edge_silence(_as_wave_tensor(wav)))
+            return [k for k in dedup(frames) if k != self.n_units]
         return dedup(self.encode_frames(wav))
 
     def encode_text(self, wav: Wave) -> str:
