@@ -62,6 +62,12 @@ CACHE_SWEEP_SECONDS = 3600
 # `wait_for_the_first_audio_frames`); a chunk too short to make a frame waits this long once.
 FIRST_FRAMES_WAIT_S = 0.5
 
+# Gradio's AAC stream encoder emits its first frame only after about 0.15 s of audio (here: 2,400 samples
+# at 16 kHz gave none, 3,200 gave two). A shorter first chunk leaves the page's player an empty first
+# playlist, and it asks again a second later (Send -> playable 2.2 s instead of about 0.7): the answer's
+# first chunk is sent once it holds at least this much audio.
+FIRST_AUDIO_S = 0.2
+
 STOPPED_WAITING = "Stopped before it started: your question was not sent to the model."
 
 OUT_OF_MEMORY = "The GPU ran out of memory. Try a shorter question, fewer new tokens, or clear the conversation."
@@ -122,6 +128,31 @@ class LiveTurn(Accumulator):
     def audio_int16(self) -> np.ndarray:
         """All answer audio so far at the one fixed int16 scale."""
         return to_int16(self.audio())
+
+
+class FirstAudioGate:
+    """Holds the answer's audio until there is `FIRST_AUDIO_S` of it; after that, chunks pass as they come."""
+
+    def __init__(self, seconds: float = FIRST_AUDIO_S) -> None:
+        self.seconds = seconds
+        self._held: list[np.ndarray] = []
+        self._open = False
+
+    def take(self, chunk: np.ndarray | None, sample_rate: int | None) -> np.ndarray | None:
+        """The audio to send now for this `chunk` (None: nothing yet)."""
+        if chunk is None or self._open:
+            return chunk
+        self._held.append(chunk)
+        held = np.concatenate(self._held)
+        if sample_rate and len(held) >= self.seconds * sample_rate:
+            self._open, self._held = True, []
+            return held
+        return None
+
+    def rest(self) -> np.ndarray | None:
+        """What is still held when the answer ends shorter than the gate (then sent as it is)."""
+        held, self._held = self._held, []
+        return np.concatenate(held) if held else None
 
 
 def to_int16(pcm: np.ndarray) -> np.ndarray:
@@ -338,7 +369,7 @@ class ChatApp:
             raise gr.Error(f"The model is not available: {self.unavailable}", title="Model not available")
         session_id = _session_id(request)
         cancel = self._cancel_flag(session_id)
-        live = LiveTurn()
+        live, gate = LiveTurn(), FirstAudioGate()
         try:
             turn = self.pipeline.respond(audio=audio, text=text, history=history, options=options, cancel=cancel)
             for batch in batched(turn, update_interval(len(self._cancels))):
@@ -346,7 +377,10 @@ class ChatApp:
                 for event in batch:
                     if isinstance(event, Notice):
                         gr.Warning(event.message)
-                yield live, np.concatenate(chunks) if chunks else None
+                yield live, gate.take(np.concatenate(chunks) if chunks else None, live.sample_rate)
+            rest = gate.rest()
+            if rest is not None:
+                yield live, rest
         except gr.Error:
             raise
         except Exception as exc:

@@ -527,3 +527,29 @@ def test_the_first_answer_chunk_waits_for_a_slow_encoder(tmp_path: Path, monkeyp
     ui.wait_for_the_first_audio_frames(2.0)  # an ffmpeg from a cold disk may take longer than the default
     assert first_frames() > 0
 
+
+
+def test_the_first_audio_sent_is_long_enough_for_a_first_aac_frame() -> None:
+    """Short first chunks are held until 0.2 s is there, then everything passes unchanged and in order;
+    the first chunk sent makes frames in Gradio's own encoder (2,400 samples at 16 kHz made none)."""
+    from gradio import audio_stream_encoder as enc
+
+    from speechgpt_app import ui
+
+    rng = np.random.default_rng(0)
+    chunks = [(rng.normal(0, 3000, 800)).astype(np.int16) for _ in range(8)]
+    gate = ui.FirstAudioGate()
+    sent = [gate.take(c, 16000) for c in chunks]
+    assert sent[:3] == [None, None, None] and len(sent[3]) == 3200 == ui.FIRST_AUDIO_S * 16000
+    assert all(s is c for s, c in zip(sent[4:], chunks[4:])) and gate.rest() is None
+    assert np.array_equal(np.concatenate([s for s in sent if s is not None]), np.concatenate(chunks))
+    assert gate.take(None, 16000) is None
+    short = ui.FirstAudioGate()  # an answer shorter than the gate is sent whole at its end
+    assert short.take(chunks[0], 16000) is None and np.array_equal(short.rest(), chunks[0])
+    for first, frames_expected in ((sent[3], True), (np.concatenate(chunks[:3]), False)):
+        encoder = enc.AacStreamEncoder(16000, 1)
+        try:
+            encoder.feed(first.tobytes())
+            assert bool(encoder.take(timeout=2.0 if frames_expected else 0.5)) == frames_expected
+        finally:
+            encoder.close()
