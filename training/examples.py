@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from training.data.formats import Record, answer_start
 from training.fit import IGNORE_INDEX, Example, FitResult, TrainConfig, fit
@@ -34,8 +37,24 @@ def fit_heldout(
     """Every stage's last step: hold out `cfg.eval_examples` items, make examples of both parts, fit."""
     train, val = split_heldout(items, cfg.eval_examples, cfg.data)
     train_examples = to_examples(train, tokenizer, cfg.block_size)
+    train_examples += replay_examples(cfg, tokenizer, len(train_examples))
     val_examples = to_examples(val, tokenizer, cfg.block_size)
     return fit(acc, cfg, model, tokenizer, train_examples, val_examples, stage)
+
+
+def replay_examples(cfg: TrainConfig, tokenizer, n_stage: int) -> list[Example]:
+    """`cfg.replay_share` x `n_stage` packed blocks of the replay text (none without `cfg.replay`),
+    drawn in a seeded order and cycled when the text is shorter than that."""
+    if not cfg.replay or cfg.replay_share <= 0:
+        return []
+    lines = [line.strip() for line in Path(cfg.replay).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"replay: {cfg.replay} has no text")
+    blocks = packed_blocks(lines, tokenizer, cfg.block_size)
+    order = np.random.default_rng(cfg.seed).permutation(len(blocks))
+    n = round(cfg.replay_share * n_stage)
+    log.info("replay: %d blocks of %s beside %d examples", n, cfg.replay, n_stage)
+    return [blocks[order[i % len(blocks)]] for i in range(n)]
 
 
 def packed_blocks(lines: Sequence[str], tokenizer, block_size: int) -> list[Example]:

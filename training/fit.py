@@ -87,6 +87,11 @@ class TrainConfig:
     tensorboard: bool = True  # also log to out_dir/tb when tensorboard is installed
     save_model: bool = True
     threads: int = 0  # torch CPU threads per process; 0 = torch's default (all cores)
+    # Rehearsal (small recipes): plain-text lines (stage 0's text) packed into blocks and trained beside
+    # this stage's examples, `replay_share` replay blocks per stage example. A model of a few million
+    # weights forgets what stage 0 taught it within 200 steps of units alone; the 7B keeps LLaMA's.
+    replay: str | None = None
+    replay_share: float = 0.0
 
 
 @dataclass

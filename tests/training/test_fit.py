@@ -208,3 +208,28 @@ def test_a_missing_base_model_says_what_is_needed(tmp_path, unit_lines) -> None:
         cfg = TrainConfig(base=base, data=str(unit_lines), out_dir=str(tmp_path / "o"), n_units=N_UNITS)
         with pytest.raises(BaseModelError, match="LLaMA-7B.*convert_llama_weights_to_hf"):
             stage1_pretrain.setup(cfg)
+
+
+def test_replay_packs_text_blocks_beside_the_stage_examples(tmp_path, tiny_base, unit_lines) -> None:
+    from training.examples import replay_examples
+    from training.lm import load_tokenizer
+
+    text = tmp_path / "text.txt"
+    lines = [f"what is {a} plus one; [ta] {a} plus one is {a + 1}<eoa>" for a in range(12)]
+    text.write_text("\n".join(lines) + "\n")
+    tok = load_tokenizer(str(tiny_base))
+    cfg = replace(_stage1(tiny_base, unit_lines, tmp_path / "o"), block_size=32, replay=str(text), replay_share=0.5)
+    assert replay_examples(replace(cfg, replay_share=0.0), tok, 10) == []
+    blocks = replay_examples(cfg, tok, 10)
+    assert len(blocks) == 5 and all(b.labels == b.input_ids for b in blocks)
+    many = replay_examples(replace(cfg, replay_share=20.0), tok, 10)  # more than the text has: cycled
+    distinct = {tuple(b.input_ids) for b in many}
+    assert len(many) == 200 and len(distinct) < 200
+    decoded = tok.decode([t for b in distinct for t in b], skip_special_tokens=True)
+    assert all(line.split(";")[0] in decoded for line in lines)  # every line is in some block
+    # A stage-1 run with replay trains on the text too: same seed and shape, other batches.
+    plain = stage1_pretrain.setup(replace(_stage1(tiny_base, unit_lines, tmp_path / "plain"), max_steps=2))
+    mixed = stage1_pretrain.setup(
+        replace(_stage1(tiny_base, unit_lines, tmp_path / "mixed"), max_steps=2, replay=str(text), replay_share=4.0)
+    )
+    assert mixed.step == plain.step == 2 and mixed.train_losses != plain.train_losses

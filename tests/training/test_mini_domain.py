@@ -51,3 +51,23 @@ def test_phonemes_are_espeak_symbols_without_stress() -> None:
     phonemes.phonemise_all(["what is two plus two", "the capital of france is paris"])
     assert phonemes.phonemes("what is two plus two")[:2] == ("w", "V")
     assert not any("'" in p or "," in p for p in phonemes.inventory(["the capital of france is paris"]))
+
+
+def test_background_arithmetic_asks_no_domain_pair_and_no_heldout_doubling() -> None:
+    background = domain.background_arithmetic()
+    domain_facts = {q.fact for q in domain.questions()}
+    assert background and not {q.fact for q in background} & domain_facts
+    ops = Counter(q.fact.split(":")[0] for q in background)
+    assert ops["plus"] > 1000 and ops["minus"] > 500 and ops["times"] > 0
+    held_doubles = {int(c.follow.value) // 2 for c in domain.conversations()
+                    if c.follow.fact.startswith("double:") and domain.is_heldout(c.follow)}  # fmt: skip
+    assert held_doubles
+    for q in background:
+        op, a, b = q.fact.split(":")
+        a, b = int(a), int(b)
+        value = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+        assert q.key == domain.number_words(value) and q.answer.endswith(q.key)
+        said = [p.format(a=domain.number_words(a), b=domain.number_words(b)) for p in domain._ARITH[op]]
+        assert q.text in said
+        doubles = (op == "plus" and a == b) or (op == "times" and 2 in (a, b))
+        assert not (doubles and value // 2 in held_doubles), q  # a held-out follow-up's doubling

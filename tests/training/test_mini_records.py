@@ -33,7 +33,9 @@ def test_text_corpus_is_the_chains_text_of_training_questions_only(tmp_path: Pat
     train, held = domain.split()
     conv_train, _ = domain.split_conversations()
     text = (out / "text.txt").read_text().splitlines()
-    assert counts["text"] == len(text) == records.TEXT_COPIES * (len(train) + len(conv_train))
+    background = domain.background_arithmetic()
+    assert counts["text"] == len(text) == records.TEXT_COPIES * (len(train) + len(background) + len(conv_train))
+    assert prompt.format_answer(heard=background[0].text, answer=background[0].answer) in text
     assert prompt.format_answer(heard=train[3].text, answer=train[3].answer) in text
     assert text[: len(train)] != [prompt.format_answer(heard=q.text, answer=q.answer) for q in train]  # shuffled
     everything = "\n".join((out / f).read_text() for f in ("text.txt", "stage2.jsonl", "stage3.jsonl"))

@@ -4,8 +4,9 @@
 
 - `units.jsonl`: the units of every recording of the corpus (read once by the trained encoder);
 - `text.txt`: the domain's knowledge as plain text for stage 0's text pretraining (what LLaMA brings to
-  the 7B recipe): every training question and conversation as the chain writes its text part
-  (`question; [ta] answer<eoa>`), TEXT_COPIES times in shuffled order;
+  the 7B recipe): every training question and conversation, and the background arithmetic beyond the
+  spoken domain (domain.background_arithmetic), as the chain writes its text part
+  (`question; [ta] answer<eoa>`), TEXT_COPIES times in shuffled order (stages 1 and 2 replay it);
 - `stage1.txt`: one unit line per training recording (questions, and answers in the output voice);
 - every spoken question is heard twice: its units, and a noisy copy (NOISE_* rates);
 - `stage2.jsonl`: ASR records (question units -> transcript) and TTS records (text -> the output voice's
@@ -129,10 +130,9 @@ def build(corpus: Path, units: dict[str, list[int]], out: Path, n_units: int) ->
               if units[e["audio"]] and e["text"] in allowed}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
 
-    knowledge = [prompt.format_answer(heard=q.text, answer=q.answer) for q in train] + [
-        prompt.format_answer(heard=c.first.text, answer=c.first.answer) + " "
-        + prompt.format_answer(heard=c.follow.text, answer=c.follow.answer) for c in conv_train
-    ]  # fmt: skip
+    knowledge = [prompt.format_answer(heard=q.text, answer=q.answer) for q in train + domain.background_arithmetic()]
+    knowledge += [prompt.format_answer(heard=c.first.text, answer=c.first.answer) + " "
+                  + prompt.format_answer(heard=c.follow.text, answer=c.follow.answer) for c in conv_train]  # fmt: skip
     knowledge = [line for _ in range(TEXT_COPIES) for line in knowledge]
     rng.shuffle(knowledge)
     (out / "text.txt").write_text("\n".join(knowledge) + "\n", encoding="utf-8")
