@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from training.data.formats import Record, answer_start
+from training.data.formats import Record, answer_start, read_text_lines
 from training.fit import IGNORE_INDEX, Example, FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -47,10 +46,7 @@ def replay_examples(cfg: TrainConfig, tokenizer, n_stage: int) -> list[Example]:
     drawn in a seeded order and cycled when the text is shorter than that."""
     if not cfg.replay or cfg.replay_share <= 0:
         return []
-    lines = [line.strip() for line in Path(cfg.replay).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"replay: {cfg.replay} has no text")
-    blocks = packed_blocks(lines, tokenizer, cfg.block_size)
+    blocks = packed_blocks(read_text_lines(cfg.replay), tokenizer, cfg.block_size)
     order = np.random.default_rng(cfg.seed).permutation(len(blocks))
     n = round(cfg.replay_share * n_stage)
     log.info("replay: %d blocks of %s beside %d examples", n, cfg.replay, n_stage)

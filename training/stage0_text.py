@@ -11,22 +11,13 @@ into blocks like stage 1's units, with the base tokenizer and no added tokens.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from training.config import parse_args
+from training.data.formats import read_text_lines
 from training.examples import fit_heldout, packed_blocks
 from training.fit import FitResult, TrainConfig, make_accelerator
 from training.lm import load_model, load_tokenizer, resolve_base
 
 STAGE = "stage0_text"
-
-
-def read_text_lines(path: str | Path) -> list[str]:
-    """The non-empty lines of a text file."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    if not any(lines):
-        raise ValueError(f"{path} has no text")
-    return [line for line in lines if line]
 
 
 def setup(cfg: TrainConfig) -> FitResult:

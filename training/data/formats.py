@@ -120,6 +120,14 @@ def record_line(record: Record, **extra: str) -> str:
     return json.dumps({"prefix": record.prefix, "plain_text": record.plain_text, **extra}, ensure_ascii=False)
 
 
+def read_text_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a plain-text file (stage 0's text, replayed by later stages)."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    if not any(lines):
+        raise ValueError(f"{path} has no text")
+    return [line for line in lines if line]
+
+
 def read_unit_lines(path: str | Path, n_units: int | None = None) -> list[str]:
     """Stage-1 lines, each one `<sosp>...<eosp>` unit string (ids checked against `n_units`)."""
     from speechgpt_app.units import text_to_units
