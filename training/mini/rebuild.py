@@ -1,7 +1,7 @@
 """Rebuild SpeechGPT-tiny from nothing: speak the corpus, train the unit encoder and the vocoder, build
 the records, run stage 0 (tokenizer and seed, then text pretraining) -> 1 -> 2 -> 3, export the bundle and evaluate it.
 
-    python -m training.mini.rebuild                 # the shipped recipe, in runs/mini (about 2 h 15 min on 2 cores)
+    python -m training.mini.rebuild                 # the shipped recipe, in runs/mini (about 2 hours on 2 cores)
     python -m training.mini.rebuild --quick --root /tmp/mini   # every step, shortened (a few minutes)
     python -m training.mini.rebuild --install       # then copy the bundle and eval.json into assets/
 
